@@ -1,0 +1,301 @@
+"""Contrastive pretraining of the two-branch CNN + transformer encoder on one HSI scene.
+
+Recipe: load the scene -> standardise each band -> SLIC superpixels and their mean
+spectra -> (NSMM) pseudolabels -> train both branches with the weighted NT-Xent loss
+-> save weights/<dataset>/<out_name>.safetensors (config in its metadata).
+Ground-truth labels are read only for the false-negative diagnostic, never for training.
+
+Edit the settings below, or override any of them: python pretrain_main.py --epochs=20
+"""
+import json
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+# ---------------------------------------------------------------- settings
+# scene
+dataset = "SalinasA"        # IndianPines | PaviaU | Salinas | SalinasA | IndianPinesSubset | custom
+data_dir = ""               # "" = $HSI_DATA_DIR, else ./datasets
+download = True             # fetch missing scene files (SHA-256 checked)
+cube = ""                   # custom scene: PATH[:KEY] of the (H, W, B) cube
+gt = ""                     # custom scene: PATH[:KEY] of the (H, W) labels, 0 = unlabelled
+class_names = ""            # custom scene: JSON file with a list of class names
+layout = "auto"             # custom scene: HWB | BHW | auto
+# model
+preset = "small"            # paper (the authors' sizes) | small (trains on a laptop CPU)
+patch_size = 15             # odd; patches are reflect-padded at the border
+# contrastive objective
+negatives = "pcl"           # all (SimCLR) | pcl | nsmm | pcl+nsmm
+weighting = ""              # shorthand of the first paper: pcl = negatives=pcl, none = negatives=all
+temperature = 0.5
+pcl_a = 0.75                # PCL weight a ** ((m_ij - mu_j) / b)
+pcl_b = 0.25
+n_hard = 64                 # NSMM: hardest negatives kept per anchor (after elimination)
+n_easy = 64                 # NSMM: uniformly drawn other negatives kept per anchor
+pseudo_k = 0                # NSMM: k-means clusters; 0 = the scene's class count
+pseudo_pca = 30             # NSMM: PCA components before k-means
+# superpixels (SLIC over the standardised cube)
+slic_pixels_per_segment = 200
+slic_compactness = 1.0
+slic_sigma = 1.0
+slic_max_iter = 20
+# views
+crop_min = 0.9              # crop side in [crop_min, 1] of the patch, resized back
+jitter_p = 0.8              # probability of the brightness/contrast jitter
+jitter_contrast = 0.2       # alpha in [1 - c, 1 + c]
+jitter_shift = 0.1          # beta in [-s, s] (bands are standardised)
+# optimisation
+pretrain_pool = "all"       # all pixels | exclude_test: no labelled pixel is ever seen
+epochs = 10
+batch_size = 256
+lr = 1e-3                   # the authors used 1e-4 for 400 epochs
+weight_decay = 5e-4
+seed = 0
+device = "auto"             # auto = CUDA when present, else CPU
+amp = True                  # bf16 autocast on CUDA (ignored on CPU)
+threads = 0                 # CPU threads for torch; 0 = torch's default
+# output
+out_name = ""               # weights/<dataset>/<out_name>.safetensors; "" = encoder
+run_dir = ""                # checkpoints and logs; "" = runs/<dataset>/<out_name>
+cache_dir = "runs/cache"    # SLIC and pseudolabel cache
+resume = True               # continue from run_dir/checkpoint.pt when present
+max_steps = 0               # stop after this many steps in total (0 = no limit; for tests)
+# -------------------------------------------------------------------------
+SETTINGS = [k for k in list(globals()) if not k.startswith("_") and k[0].islower()
+            and isinstance(globals()[k], (bool, int, float, str))]
+
+from data import load_scene                                          # noqa: E402
+from data.patches import PatchCutter, random_views                    # noqa: E402
+from data.preprocess import standardise                               # noqa: E402
+from data.pseudolabels import pixel_pseudolabels, purity, superpixel_pseudolabels  # noqa: E402
+from data.superpixels import cached_superpixels, cube_fingerprint, slic_params, superpixel_mean_spectra  # noqa: E402
+from models.encoder import PCLEncoder, PRESETS, count_parameters, describe  # noqa: E402
+from models.losses import false_negative_share, similarity_logits, weighted_nt_xent  # noqa: E402
+from models.negatives import MODES, negative_weights                  # noqa: E402
+from utils.checkpoint import git_commit, load_checkpoint, save_checkpoint, save_encoder  # noqa: E402
+from utils.config import format_config, resolve_config                # noqa: E402
+from utils.errors import UserError, run_main                          # noqa: E402
+from utils.fileio import atomic_path, write_json                      # noqa: E402
+
+
+def pick_device(name):
+    """'auto' -> CUDA when present, else CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device={name}: CUDA is not available on this machine; use --device=auto or cpu")
+    return torch.device(name)
+
+
+def resolve_negatives(config):
+    """Fold the `weighting` shorthand into `negatives`."""
+    if config["weighting"]:
+        implied = {"pcl": "pcl", "none": "all"}.get(config["weighting"])
+        if implied is None:
+            raise UserError(f"--weighting={config['weighting']}: expected pcl or none")
+        config["negatives"] = implied
+    return config
+
+
+def pretraining_pool(gt, pool):
+    """Flat pixel indices pretraining draws from: every pixel, or only the unlabelled ones."""
+    if pool == "all":
+        return np.arange(gt.size)
+    return np.flatnonzero(gt.ravel() == 0)
+
+
+def save_pseudolabel_map(path, labels):
+    """PNG of the pseudolabel map, one colour per cluster, for inspection."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with atomic_path(path) as tmp:
+        plt.imsave(tmp, labels, cmap="tab20", format="png")
+
+
+class Stop:
+    """SIGTERM and Ctrl-C set a flag; the loop saves nothing half-done and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        self.requested = True
+
+
+def train_step(model, cutter, batch_index, spectra_t, pseudo_t, labels_t, config, view_gen, mine_gen, autocast):
+    """One contrastive step: two views, both branches, one weighted NT-Xent loss each.
+
+    batch_index: (N,) flat pixel indices. Returns (loss tensor, diagnostics dict).
+    """
+    x = cutter(batch_index)                                              # (N, B, P, P)
+    views = torch.cat([random_views(x, view_gen, config["crop_min"], config["jitter_p"],
+                                    config["jitter_contrast"], config["jitter_shift"]),
+                       random_views(x, view_gen, config["crop_min"], config["jitter_p"],
+                                    config["jitter_contrast"], config["jitter_shift"])])  # (2N, B, P, P)
+    n = x.shape[0]
+    with autocast():
+        out = model(views)
+    loss, diag = 0.0, {}
+    for branch in ("global_z", "local_z"):
+        z = out[branch].float()
+        z1, z2 = z[:n], z[n:]                                            # (N, D) each
+        weights = negative_weights(config["negatives"], spectra_t[batch_index], pseudo_t[batch_index],
+                                   z1, z2, config["temperature"], config["pcl_a"], config["pcl_b"],
+                                   config["n_hard"], config["n_easy"], mine_gen)
+        branch_loss = weighted_nt_xent(z1, z2, weights, config["temperature"])
+        loss = loss + branch_loss
+        with torch.no_grad():
+            logits = similarity_logits(z1, z2, config["temperature"])
+            diag[f"fn_share_{branch[:-2]}"] = false_negative_share(logits, weights, labels_t[batch_index])
+    return loss, diag
+
+
+def main(argv):
+    config = resolve_config({k: globals()[k] for k in SETTINGS}, argv,
+                            choices={"negatives": MODES, "preset": tuple(PRESETS),
+                                     "pretrain_pool": ("all", "exclude_test")})
+    config = resolve_negatives(config)
+    if config["patch_size"] < 3 or config["patch_size"] % 2 == 0:
+        raise UserError(f"--patch_size={config['patch_size']}: expected an odd number >= 3")
+    if config["epochs"] < 1 or config["batch_size"] < 2:
+        raise UserError("--epochs must be >= 1 and --batch_size >= 2")
+    out_name = config["out_name"] or "encoder"
+    weights_path = Path("weights") / config["dataset"] / f"{out_name}.safetensors"
+    run_dir = Path(config["run_dir"] or Path("runs") / config["dataset"] / out_name)
+    if config["threads"] > 0:
+        torch.set_num_threads(config["threads"])
+    device = pick_device(config["device"])
+    print(f"pretrain_main.py  commit {git_commit()}  device {device}  torch {torch.__version__}")
+    print(format_config(config))
+
+    # 1. scene, standardised once per scene (finetune.py applies the same function)
+    scene = load_scene(config["dataset"], config["data_dir"], config["download"], config["cube"],
+                       config["gt"], config["class_names"], config["layout"])
+    cube_std = standardise(scene.cube)                                   # (H, W, B)
+    h, w, bands = cube_std.shape
+    print(f"scene {scene.name}: {h} x {w} pixels, {bands} bands, {scene.n_classes} classes, "
+          f"{int((scene.gt > 0).sum())} labelled")
+
+    # 2. superpixels, their mean spectra, pseudolabels
+    t0 = time.time()
+    params = slic_params(cube_std.shape, config["slic_pixels_per_segment"], config["slic_compactness"],
+                         config["slic_sigma"], config["slic_max_iter"])
+    superpixels, cache_path, hit = cached_superpixels(cube_std, params, config["cache_dir"], scene.name)
+    spectra = superpixel_mean_spectra(cube_std, superpixels)             # (S, B)
+    print(f"SLIC: {spectra.shape[0]} superpixels ({'cache hit' if hit else 'computed'} {cache_path}, "
+          f"{time.time() - t0:.1f}s)")
+    pseudo = np.zeros((h, w), dtype=np.int64)
+    pseudo_purity = None
+    if "nsmm" in config["negatives"]:
+        k = config["pseudo_k"] or scene.n_classes
+        clusters = superpixel_pseudolabels(spectra, k, config["pseudo_pca"], config["seed"])
+        pseudo = pixel_pseudolabels(superpixels, clusters)
+        pseudo_purity = purity(pseudo, scene.gt)
+        save_pseudolabel_map(run_dir / "pseudolabels.png", pseudo)
+        print(f"pseudolabels: k-means k={k} on {spectra.shape[0]} superpixels, purity against the "
+              f"ground truth {pseudo_purity:.3f} (diagnostic only); map {run_dir / 'pseudolabels.png'}")
+
+    # 3. data on the device: padded cube, per-pixel spectra / pseudolabels / labels (diagnostic)
+    cutter = PatchCutter(cube_std, config["patch_size"], device)
+    spectra_t = torch.from_numpy(spectra[superpixels.ravel()]).to(device)   # (H*W, B)
+    pseudo_t = torch.from_numpy(pseudo.ravel()).to(device)                   # (H*W,)
+    labels_t = torch.from_numpy(scene.gt.ravel().astype(np.int64)).to(device)  # (H*W,)
+    pool = torch.from_numpy(pretraining_pool(scene.gt, config["pretrain_pool"]))
+    if len(pool) < config["batch_size"]:
+        raise UserError(f"pretraining pool has {len(pool)} pixels, fewer than --batch_size={config['batch_size']}")
+    steps_per_epoch = len(pool) // config["batch_size"]
+
+    # 4. model and optimiser
+    torch.manual_seed(config["seed"])
+    model = PCLEncoder(bands, config["patch_size"], config["preset"]).to(device)
+    print(describe(model))
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    use_amp = device.type == "cuda" and config["amp"]
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
+
+    start_epoch, log = 0, []
+    checkpoint_path = run_dir / "checkpoint.pt"
+    if config["resume"] and checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path)
+        if state.get("config", {}).get("preset") != config["preset"] or state.get("n_bands") != bands:
+            raise UserError(f"{checkpoint_path}: checkpoint of another preset or scene; "
+                            "pass --resume=false or another --out_name")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, log = state["epoch"], json.loads(state["log"])
+        print(f"resumed from {checkpoint_path} at epoch {start_epoch}")
+
+    stop = Stop()
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    total_steps = start_epoch * steps_per_epoch
+    model.train()
+    try:
+        for epoch in range(start_epoch, config["epochs"]):
+            # Every epoch's randomness derives from (seed, epoch): a resumed run repeats it exactly.
+            order_gen = torch.Generator().manual_seed(config["seed"] * 100003 + epoch)
+            view_gen = torch.Generator().manual_seed(config["seed"] * 100003 + epoch + 7919)
+            mine_gen = torch.Generator().manual_seed(config["seed"] * 100003 + epoch + 15485863)
+            order = pool[torch.randperm(len(pool), generator=order_gen)]
+            sums = {"loss": 0.0, "fn_share_global": 0.0, "fn_share_local": 0.0}
+            counts = {k: 0 for k in sums}
+            t_epoch = time.time()
+            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config['epochs']}",
+                       leave=False, file=sys.stderr, disable=None)
+            for step in bar:
+                batch_index = order[step * config["batch_size"]:(step + 1) * config["batch_size"]].to(device)
+                loss, diag = train_step(model, cutter, batch_index, spectra_t, pseudo_t, labels_t, config,
+                                        view_gen, mine_gen, autocast)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total_steps += 1
+                for key, value in {"loss": loss.item(), **diag}.items():
+                    if value == value:  # skip nan diagnostics (no labelled pair in the batch)
+                        sums[key] += value
+                        counts[key] += 1
+                rate = (step + 1) * config["batch_size"] / (time.time() - t_epoch)
+                bar.set_postfix(loss=f"{loss.item():.3f}", anchors_s=f"{rate:.0f}")
+                if stop.requested or (config["max_steps"] and total_steps >= config["max_steps"]):
+                    break
+            if stop.requested:
+                raise KeyboardInterrupt
+            seconds = time.time() - t_epoch
+            record = {"epoch": epoch + 1, "seconds": round(seconds, 2),
+                      "anchors_per_s": round((step + 1) * config["batch_size"] / seconds, 1),
+                      **{k: (sums[k] / counts[k] if counts[k] else None) for k in sums}}
+            log.append(record)
+            print(json.dumps(record))
+            with open(run_dir / "log.txt", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            save_checkpoint(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                              "epoch": epoch + 1, "config": config, "n_bands": bands,
+                                              "log": json.dumps(log), "commit": git_commit()})
+            if config["max_steps"] and total_steps >= config["max_steps"]:
+                break
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    # 5. release file: plain module weights + everything needed to rebuild and check it
+    metadata = {"dataset": scene.name, "scene_fingerprint": cube_fingerprint(scene.cube),
+                "n_bands": bands, "n_classes": scene.n_classes, "pretrain_config": config,
+                "pseudolabel_purity": pseudo_purity, "log": log, "commit": git_commit()}
+    save_encoder(weights_path, model.cpu(), metadata)
+    write_json(run_dir / "config.json", config)
+    final = log[-1] if log else {}
+    print(f"saved {weights_path}  (loss {final.get('loss', float('nan')):.4f}, "
+          f"false-negative share global {final.get('fn_share_global')}, local {final.get('fn_share_local')})")
+    return weights_path
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,1 @@
+"""Shared helpers: config parsing, errors, atomic file IO, metrics, maps."""

@@ -1,0 +1,65 @@
+"""`--name=value` overrides for the plain hyperparameters at the top of a script.
+
+Each script keeps its defaults as commented module-level names (nanoGPT style);
+`resolve_config` copies them into a dict, applies the command line and checks it.
+The type of each default decides how its value is parsed: `--lr=1` is a float,
+`--epochs=3` an int, `--flag=true|false|1|0` a bool, anything else a string.
+"""
+from utils.errors import UserError
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def defaults_from_module(namespace, names):
+    """Return {name: namespace[name]} for the listed hyperparameter names."""
+    return {name: namespace[name] for name in names}
+
+
+def _parse_value(name, text, default):
+    if isinstance(default, bool):
+        low = text.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise UserError(f"--{name}={text}: expected true or false")
+    if isinstance(default, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise UserError(f"--{name}={text}: expected an integer") from None
+    if isinstance(default, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise UserError(f"--{name}={text}: expected a number") from None
+    return text
+
+
+def resolve_config(defaults, argv, choices=None):
+    """Apply `--name=value` arguments to a copy of `defaults`.
+
+    defaults: {name: default value}; argv: list of strings;
+    choices: optional {name: allowed values} checked after parsing.
+    An unknown name, a malformed argument or a bad value raises UserError.
+    """
+    config = dict(defaults)
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise UserError(f"argument {arg!r} is not of the form --name=value")
+        name, text = arg[2:].split("=", 1)
+        name = name.replace("-", "_")
+        if name not in defaults:
+            raise UserError(f"unknown setting --{name}; valid settings: {', '.join(sorted(defaults))}")
+        config[name] = _parse_value(name, text, defaults[name])
+    for name, allowed in (choices or {}).items():
+        if config[name] not in allowed:
+            raise UserError(f"--{name}={config[name]}: expected one of {', '.join(map(str, allowed))}")
+    return config
+
+
+def format_config(config):
+    """Config as aligned `name = value` lines, for printing at start."""
+    width = max(len(k) for k in config)
+    return "\n".join(f"  {k:<{width}} = {v!r}" for k, v in config.items())
