@@ -1,0 +1,120 @@
+"""Comparison table: every method through the same splits, seeds and metric code.
+
+    python -m utils.table --dataset=SalinasA --budgets=5,10,15 --splits=random,disjoint --seeds=0-9
+
+Pretrains the encoders the table needs (weights/<dataset>/<mode>.safetensors, skipped when the
+file exists), runs finetune.py for every method x split x budget (skipped when its JSON exists,
+unless --force=true), then writes results/<dataset>/table.md and table.csv: OA, AA, kappa as
+mean +- std over the seeds, and the pretraining false-negative share beside each encoder row.
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+import finetune
+import pretrain_main
+from utils.config import format_config, resolve_config
+from utils.errors import UserError, run_main
+from utils.fileio import write_text
+
+DEFAULTS = {
+    "dataset": "SalinasA", "data_dir": "", "methods": "svm,svm_spatial,supervised,simclr,pcl,nsmm,pcl+nsmm",
+    "budgets": "5,10,15", "splits": "random,disjoint", "seeds": "0-9", "protocol": "linear",
+    "preset": "small", "epochs": 10, "batch_size": 256, "lr": 1e-3, "threads": 0, "device": "auto",
+    "finetune_epochs": 100, "results_dir": "results", "force": False, "pretrain_args": "", "tag": "",
+}
+# encoder method -> the pretrain_main.py negatives mode that makes it
+PRETRAIN_MODE = {"simclr": "all", "pcl": "pcl", "nsmm": "nsmm", "pcl+nsmm": "pcl+nsmm"}
+
+
+def pretrain_if_missing(cfg, method):
+    """weights/<dataset>/<method>.safetensors, pretrained now if absent. Returns its path."""
+    path = Path("weights") / cfg["dataset"] / f"{method}.safetensors"
+    if path.exists() and not cfg["force"]:
+        return path
+    argv = [f"--dataset={cfg['dataset']}", f"--data_dir={cfg['data_dir']}", f"--negatives={PRETRAIN_MODE[method]}",
+            f"--preset={cfg['preset']}", f"--epochs={cfg['epochs']}", f"--batch_size={cfg['batch_size']}",
+            f"--lr={cfg['lr']}", f"--out_name={method}", f"--device={cfg['device']}",
+            f"--threads={cfg['threads']}", "--resume=false"] + cfg["pretrain_args"].split()
+    t0 = time.time()
+    pretrain_main.main(argv)
+    print(f"[table] pretrained {method} in {time.time() - t0:.0f}s", flush=True)
+    return path
+
+
+def run_cell(cfg, method, split, budget):
+    """finetune.py for one cell; returns its JSON (re-used when already there)."""
+    protocol = cfg["protocol"] if method in PRETRAIN_MODE else "baseline"
+    name = f"{method}_{protocol}_{split}_{budget}pc{cfg['tag']}"
+    path = Path(cfg["results_dir"]) / cfg["dataset"] / f"{name}.json"
+    if not path.exists() or cfg["force"]:
+        argv = [f"--dataset={cfg['dataset']}", f"--data_dir={cfg['data_dir']}", f"--method={method}",
+                f"--protocol={cfg['protocol']}", f"--split={split}", f"--train_per_class={budget}",
+                f"--seeds={cfg['seeds']}", f"--name={name}", f"--results_dir={cfg['results_dir']}",
+                f"--device={cfg['device']}", f"--threads={cfg['threads']}", "--save_map=false",
+                f"--finetune_epochs={cfg['finetune_epochs']}"]
+        if method == "supervised":
+            argv.append(f"--preset={cfg['preset']}")
+        finetune.main(argv)
+    return json.loads(path.read_text())
+
+
+def fmt(stat):
+    return f"{100 * stat['mean']:.2f} ± {100 * stat['std']:.2f}"
+
+
+def false_negative_share(result):
+    """Last-epoch false-negative share (global branch) of the encoder behind a result, if any."""
+    meta = result.get("encoder_metadata") or {}
+    log = meta.get("log") or []
+    value = log[-1].get("fn_share_global") if log else None
+    return "" if value is None else f"{value:.3f}"
+
+
+def main(argv):
+    cfg = resolve_config(DEFAULTS, argv)
+    methods = [m for m in cfg["methods"].split(",") if m]
+    unknown = [m for m in methods if m not in finetune.METHODS]
+    if unknown:
+        raise UserError(f"--methods: unknown {', '.join(unknown)}; valid: {', '.join(finetune.METHODS)}")
+    budgets = [int(b) for b in cfg["budgets"].split(",")]
+    splits = cfg["splits"].split(",")
+    print(format_config(cfg))
+    t0 = time.time()
+    for method in methods:
+        if method in PRETRAIN_MODE:
+            pretrain_if_missing(cfg, method)
+    cells = {}
+    for split in splits:
+        for budget in budgets:
+            for method in methods:
+                t = time.time()
+                cells[method, split, budget] = run_cell(cfg, method, split, budget)
+                print(f"[table] {method} {split} {budget}/class: {time.time() - t:.0f}s", flush=True)
+    columns = [(s, b) for s in splits for b in budgets]
+    md = [f"Scene {cfg['dataset']}, protocol {cfg['protocol']}, seeds {cfg['seeds']}, preset {cfg['preset']}, "
+          f"{cfg['epochs']} pretraining epochs. OA / AA / kappa in %, mean ± std over seeds.", "",
+          "| method | FN share | " + " | ".join(f"{s} {b}/class OA | AA | κ" for s, b in columns) + " |",
+          "|---|---|" + "---|---|---|" * len(columns)]
+    csv = ["method,split,per_class,oa_mean,oa_std,aa_mean,aa_std,kappa_mean,kappa_std,fn_share,seconds"]
+    for method in methods:
+        row = [method, false_negative_share(cells[method, splits[0], budgets[0]])]
+        for split, budget in columns:
+            r = cells[method, split, budget]
+            s = r["summary"]
+            row += [fmt(s["oa"]), fmt(s["aa"]), fmt(s["kappa"])]
+            csv.append(f"{method},{split},{budget},{s['oa']['mean']:.4f},{s['oa']['std']:.4f},{s['aa']['mean']:.4f},"
+                       f"{s['aa']['std']:.4f},{s['kappa']['mean']:.4f},{s['kappa']['std']:.4f},"
+                       f"{false_negative_share(r)},{r.get('seconds', '')}")
+        md.append("| " + " | ".join(row) + " |")
+    out = Path(cfg["results_dir"]) / cfg["dataset"]
+    table_md = out / f"table{cfg['tag']}.md"
+    write_text(table_md, "\n".join(md) + "\n")
+    write_text(table_md.with_suffix(".csv"), "\n".join(csv) + "\n")
+    print("\n".join(md))
+    print(f"[table] {time.time() - t0:.0f}s  {table_md}")
+
+
+if __name__ == "__main__":
+    run_main(main, sys.argv[1:])
