@@ -303,4 +303,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, interrupted="interrupted: no result JSON was written for this run; "
+                               "earlier results are untouched")

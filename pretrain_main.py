@@ -82,7 +82,7 @@ from models.negatives import MODES, negative_weights                  # noqa: E4
 from utils.checkpoint import git_commit, load_checkpoint, save_checkpoint, save_encoder  # noqa: E402
 from utils.config import format_config, resolve_config                # noqa: E402
 from utils.errors import UserError, run_main                          # noqa: E402
-from utils.fileio import atomic_path, write_json                      # noqa: E402
+from utils.fileio import atomic_path, write_json, write_text          # noqa: E402
 
 
 def pick_device(name):
@@ -118,6 +118,44 @@ def save_pseudolabel_map(path, labels):
     import matplotlib.pyplot as plt
     with atomic_path(path) as tmp:
         plt.imsave(tmp, labels, cmap="tab20", format="png")
+
+
+# Settings that may differ between a run and its resumption: they change where things go,
+# how long to train or how fast, not what an epoch computes.
+RESUME_FREE = ("weighting", "epochs", "max_steps", "resume", "threads", "device", "amp", "out_name", "run_dir",
+               "cache_dir", "data_dir", "download", "cube", "gt", "class_names", "layout")
+
+
+def resume_from(path, model, optimizer, config, bands, fingerprint):
+    """Load run_dir/checkpoint.pt into `model` and `optimizer`; returns (epochs done, log).
+
+    Refused (UserError naming the file) when it is unreadable or crafted, or was written
+    for another scene, band count or training setting (only RESUME_FREE may change).
+    """
+    state = load_checkpoint(path)
+    advice = "pass the same settings, --resume=false to start over, or another --out_name"
+    if not isinstance(state, dict) or not {"model", "optimizer", "epoch", "config", "log"} <= set(state):
+        raise UserError(f"{path}: not a checkpoint of pretrain_main.py (no model/optimizer/epoch); {advice}")
+    old = state["config"] if isinstance(state["config"], dict) else {}
+    if state.get("n_bands") != bands or state.get("scene_fingerprint", fingerprint) != fingerprint:
+        raise UserError(f"{path}: checkpoint of another scene ({state.get('n_bands')} bands, data "
+                        f"{state.get('scene_fingerprint')}; this run: {bands} bands, data {fingerprint}); {advice}")
+    changed = [f"--{k} was {old.get(k)!r}, now {config[k]!r}" for k in config
+               if k not in RESUME_FREE and old.get(k) != config[k]]
+    if changed:
+        raise UserError(f"{path}: checkpoint written with other settings ({'; '.join(changed[:4])}); {advice}")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        epoch, log = int(state["epoch"]), json.loads(state["log"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
+        detail = " ".join(str(err).split())[:200]
+        raise UserError(f"{path}: checkpoint does not fit this model ({type(err).__name__}: {detail}); "
+                        f"{advice}") from None
+    if not isinstance(log, list) or len(log) != epoch or epoch < 0:
+        raise UserError(f"{path}: inconsistent checkpoint (epoch {epoch}, {len(log) if isinstance(log, list) else '?'} "
+                        f"log records); {advice}")
+    return epoch, log
 
 
 class Stop:
@@ -223,14 +261,9 @@ def main(argv):
 
     start_epoch, log = 0, []
     checkpoint_path = run_dir / "checkpoint.pt"
+    fingerprint = cube_fingerprint(scene.cube)
     if config["resume"] and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
-        if state.get("config", {}).get("preset") != config["preset"] or state.get("n_bands") != bands:
-            raise UserError(f"{checkpoint_path}: checkpoint of another preset or scene; "
-                            "pass --resume=false or another --out_name")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, log = state["epoch"], json.loads(state["log"])
+        start_epoch, log = resume_from(checkpoint_path, model, optimizer, config, bands, fingerprint)
         print(f"resumed from {checkpoint_path} at epoch {start_epoch}")
 
     stop = Stop()
@@ -274,11 +307,12 @@ def main(argv):
                       **{k: (sums[k] / counts[k] if counts[k] else None) for k in sums}}
             log.append(record)
             print(json.dumps(record))
-            with open(run_dir / "log.txt", "a") as f:
-                f.write(json.dumps(record) + "\n")
             save_checkpoint(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                               "epoch": epoch + 1, "config": config, "n_bands": bands,
+                                              "scene_fingerprint": fingerprint,
                                               "log": json.dumps(log), "commit": git_commit()})
+            # the log follows the checkpoint: a kill between the two never leaves a half line or an extra epoch
+            write_text(run_dir / "log.txt", "".join(json.dumps(r) + "\n" for r in log))
             if config["max_steps"] and total_steps >= config["max_steps"]:
                 break
     finally:
@@ -286,7 +320,7 @@ def main(argv):
             signal.signal(s, handler)
 
     # 5. release file: plain module weights + everything needed to rebuild and check it
-    metadata = {"dataset": scene.name, "scene_fingerprint": cube_fingerprint(scene.cube),
+    metadata = {"dataset": scene.name, "scene_fingerprint": fingerprint,
                 "n_bands": bands, "n_classes": scene.n_classes, "pretrain_config": config,
                 "pseudolabel_purity": pseudo_purity, "log": log, "commit": git_commit()}
     save_encoder(weights_path, model.cpu(), metadata)

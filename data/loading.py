@@ -157,7 +157,8 @@ _READERS = {".mat": _read_mat, ".npy": _read_npy, ".npz": _read_npz, ".hdr": _re
 
 def _read_all(path):
     if not path.is_file():
-        raise UserError(f"{path}: file not found")
+        where = "" if path.is_absolute() else f" (looked for {path.resolve()})"
+        raise UserError(f"{path}: file not found{where}")
     reader = _READERS.get(path.suffix.lower())
     if reader is None:
         raise UserError(f"{path}: unsupported file type {path.suffix!r}; expected .mat, .npy, .npz or ENVI .hdr/.img")

@@ -8,7 +8,9 @@ Both are written atomically (temporary file, fsync, rename).
 """
 import json
 import pickle
+import re
 import subprocess
+import warnings
 from pathlib import Path
 
 import torch
@@ -51,7 +53,11 @@ def read_encoder_file(path):
             raw_meta = f.metadata() or {}
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise UserError(f"{path}: not a readable safetensors encoder file ({_short(err)}); "
+        with open(path, "rb") as f:
+            head = f.read(4)
+        kind = ("it is a PyTorch/pickle file, never unpickled here as that could run code"
+                if head[:2] in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") else _short(err))
+        raise UserError(f"{path}: not a readable safetensors encoder file ({kind}); "
                         "encoders are shared as .safetensors written by pretrain_main.py") from None
     if raw_meta.get("format") != ENCODER_FORMAT:
         raise UserError(f"{path}: safetensors file without this project's encoder metadata "
@@ -69,9 +75,33 @@ def load_encoder(path, build_encoder, device="cpu"):
     """Rebuild the encoder from the file's metadata and load its weights strictly.
 
     build_encoder: callable(config dict) -> nn.Module. Returns (encoder, metadata).
+    The architecture is first built on the meta device (no memory) and its tensor
+    names and shapes compared with the file's, so crafted metadata can neither crash
+    the loader nor make it allocate more than the file itself holds.
     """
     tensors, meta = read_encoder_file(path)
-    encoder = build_encoder(meta["encoder_config"])
+    config = meta.get("encoder_config")
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: encoder metadata has no architecture (encoder_config {config!r:.80}); "
+                        "encoders are shared as .safetensors written by pretrain_main.py")
+    try:
+        with torch.device("meta"):
+            skeleton = build_encoder(config)
+    except UserError as err:
+        raise UserError(f"{path}: bad architecture in its metadata: {err}") from None
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as err:
+        raise UserError(f"{path}: bad architecture in its metadata ({_short(err)})") from None
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    if expected != found:
+        missing = sorted(set(expected) - set(found))
+        unexpected = sorted(set(found) - set(expected))
+        reshaped = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+        example = (f"e.g. {reshaped[0]} is {found[reshaped[0]]} in the file, {expected[reshaped[0]]} in the model"
+                   if reshaped else f"e.g. {(missing + unexpected)[0]}")
+        raise UserError(f"{path}: weights do not fit the architecture in its metadata ({len(missing)} missing, "
+                        f"{len(unexpected)} unexpected, {len(reshaped)} of another shape; {example})")
+    encoder = build_encoder(config)
     try:
         encoder.load_state_dict(tensors, strict=True)
     except RuntimeError as err:
@@ -86,14 +116,27 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path):
-    """Load a resume checkpoint with weights_only=True; a pickle with code is refused."""
+    """Load a resume checkpoint with weights_only=True; a pickle with code is refused.
+
+    Anything that is not such a checkpoint (crafted pickle, truncated, empty, another
+    format) raises UserError naming the file; nothing in it is ever executed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no checkpoint there")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
-        raise UserError(f"{path}: refused or unreadable checkpoint ({_short(err)}); "
-                        "only plain tensors and dicts are accepted (weights_only=True)") from None
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": one line on stderr only
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UserError(f"{path}: refused: it holds pickled objects other than tensors, numbers, strings, "
+                        f"lists and dicts, which could run code; it was not loaded ({_short(err, 120)})") from None
+    except Exception as err:  # zip, pickle and storage errors of many types all mean "unreadable"
+        raise UserError(f"{path}: unreadable checkpoint ({_short(err)}); it may be truncated or not a "
+                        "checkpoint of pretrain_main.py: delete it or pass --resume=false") from None
 
 
-def _short(err):
-    text = str(err).strip().splitlines()
-    return text[0][:200] if text else type(err).__name__
+def _short(err, limit=200):
+    """First line of an exception's message, without terminal escapes, at most `limit` characters."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:limit]}" if text else type(err).__name__

@@ -5,6 +5,8 @@ Each script keeps its defaults as commented module-level names (nanoGPT style);
 The type of each default decides how its value is parsed: `--lr=1` is a float,
 `--epochs=3` an int, `--flag=true|false|1|0` a bool, anything else a string.
 """
+import difflib
+
 from utils.errors import UserError
 
 _TRUE = {"true", "1", "yes", "on"}
@@ -51,7 +53,9 @@ def resolve_config(defaults, argv, choices=None):
         name, text = arg[2:].split("=", 1)
         name = name.replace("-", "_")
         if name not in defaults:
-            raise UserError(f"unknown setting --{name}; valid settings: {', '.join(sorted(defaults))}")
+            close = difflib.get_close_matches(name, list(defaults), n=1)
+            hint = f"did you mean --{close[0]}? " if close else ""
+            raise UserError(f"unknown setting --{name}; {hint}valid settings: {', '.join(sorted(defaults))}")
         config[name] = _parse_value(name, text, defaults[name])
     for name, allowed in (choices or {}).items():
         if config[name] not in allowed:
