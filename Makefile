@@ -15,7 +15,7 @@ $(VENV)/.installed: requirements.txt
 venv: $(VENV)/.installed
 
 demo: venv
-	$(PY) pretrain_main.py --dataset=$(DATASET) --preset=small --epochs=10
+	$(PY) pretrain_main.py --dataset=$(DATASET) --preset=small --epochs=5
 	$(PY) finetune.py --dataset=$(DATASET) --train_per_class=15 --seeds=0
 
 test: venv

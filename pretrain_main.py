@@ -6,6 +6,8 @@ spectra -> (NSMM) pseudolabels -> train both branches with the weighted NT-Xent 
 Ground-truth labels are read only for the false-negative diagnostic, never for training.
 
 Edit the settings below, or override any of them: python pretrain_main.py --epochs=20
+Several processes (DistributedDataParallel, one GPU each, or gloo on CPU):
+    torchrun --nproc_per_node=K pretrain_main.py --batch_size=256   (batch_size: the global batch)
 """
 import json
 import os
@@ -53,7 +55,7 @@ jitter_contrast = 0.2       # alpha in [1 - c, 1 + c]
 jitter_shift = 0.1          # beta in [-s, s] (bands are standardised)
 # optimisation
 pretrain_pool = "all"       # all pixels | exclude_test: no labelled pixel is ever seen
-epochs = 10
+epochs = 5                  # quick start; the paper protocol: --preset=paper --epochs=400 --lr=1e-4
 batch_size = 256
 lr = 1e-3                   # the authors used 1e-4 for 400 epochs
 weight_decay = 5e-4
@@ -72,7 +74,7 @@ SETTINGS = [k for k in list(globals()) if not k.startswith("_") and k[0].islower
             and isinstance(globals()[k], (bool, int, float, str))]
 
 from data import load_scene                                          # noqa: E402
-from data.patches import PatchCutter, random_views                    # noqa: E402
+from data.patches import PatchCutter, apply_views, draw_view_params   # noqa: E402
 from data.preprocess import standardise                               # noqa: E402
 from data.pseudolabels import pixel_pseudolabels, purity, superpixel_pseudolabels  # noqa: E402
 from data.superpixels import cached_superpixels, cube_fingerprint, slic_params, superpixel_mean_spectra  # noqa: E402
@@ -80,6 +82,7 @@ from models.encoder import PCLEncoder, PRESETS, count_parameters, describe  # no
 from models.losses import false_negative_share, similarity_logits, weighted_nt_xent  # noqa: E402
 from models.negatives import MODES, negative_weights                  # noqa: E402
 from utils.checkpoint import git_commit, load_checkpoint, save_checkpoint, save_encoder  # noqa: E402
+from utils import distributed                                         # noqa: E402
 from utils.config import format_config, resolve_config                # noqa: E402
 from utils.errors import UserError, run_main                          # noqa: E402
 from utils.fileio import atomic_path, write_json, write_text          # noqa: E402
@@ -168,31 +171,51 @@ class Stop:
         self.requested = True
 
 
-def train_step(model, cutter, batch_index, spectra_t, pseudo_t, labels_t, config, view_gen, mine_gen, autocast):
+def train_step(model, cutter, batch_index, spectra_t, pseudo_t, labels_t, config, view_gen, mine_gen, autocast,
+               rank=0, world=1, mark=None):
     """One contrastive step: two views, both branches, one weighted NT-Xent loss each.
 
-    batch_index: (N,) flat pixel indices. Returns (loss tensor, diagnostics dict).
+    batch_index: (N,) flat pixel indices of the global batch. With world > 1 (DDP) this
+    rank cuts and encodes only its slice of N / world samples; the embeddings are gathered
+    with their gradient, so every anchor meets the negatives of the whole batch, and the
+    loss is the mean over this rank's anchors (rows of its samples in both views): DDP's
+    gradient average is then the gradient of the global mean loss. The view and mining
+    random numbers are drawn for the global batch on every rank, and the NSMM mask is
+    built from the gathered similarities, so the step is the single-process one (up to
+    BatchNorm statistics, which are per rank unless the model uses SyncBatchNorm).
+    mark: optional callable(part) called after the "data", "forward" and "loss" parts (timing).
+    Returns (loss tensor of this rank's anchors, diagnostics of the global batch).
     """
-    x = cutter(batch_index)                                              # (N, B, P, P)
-    views = torch.cat([random_views(x, view_gen, config["crop_min"], config["jitter_p"],
-                                    config["jitter_contrast"], config["jitter_shift"]),
-                       random_views(x, view_gen, config["crop_min"], config["jitter_p"],
-                                    config["jitter_contrast"], config["jitter_shift"])])  # (2N, B, P, P)
-    n = x.shape[0]
+    mark = mark or (lambda part: None)
+    n = batch_index.shape[0]
+    per = n // world
+    own = slice(rank * per, (rank + 1) * per)
+    x = cutter(batch_index[own])                                         # (N/W, B, P, P)
+    view_args = (config["crop_min"], config["jitter_p"], config["jitter_contrast"], config["jitter_shift"])
+    u1, u2 = draw_view_params(n, view_gen)[own], draw_view_params(n, view_gen)[own]  # (N/W, 6) each
+    views = torch.cat([apply_views(x, u1, *view_args), apply_views(x, u2, *view_args)])  # (2N/W, B, P, P)
+    mark("data")
     with autocast():
         out = model(views)
+    mark("forward")
+    anchors = None
+    if world > 1:
+        mine = torch.arange(own.start, own.stop)
+        anchors = torch.cat([mine, mine + n]).to(views.device)          # (2N/W,) rows in the (2N, 2N) loss
     loss, diag = 0.0, {}
     for branch in ("global_z", "local_z"):
         z = out[branch].float()
-        z1, z2 = z[:n], z[n:]                                            # (N, D) each
+        z1 = distributed.gather_rows(z[:per], world)                     # (N, D), the global batch
+        z2 = distributed.gather_rows(z[per:], world)                     # (N, D)
         weights = negative_weights(config["negatives"], spectra_t[batch_index], pseudo_t[batch_index],
                                    z1, z2, config["temperature"], config["pcl_a"], config["pcl_b"],
                                    config["n_hard"], config["n_easy"], mine_gen)
-        branch_loss = weighted_nt_xent(z1, z2, weights, config["temperature"])
+        branch_loss = weighted_nt_xent(z1, z2, weights, config["temperature"], anchors)
         loss = loss + branch_loss
         with torch.no_grad():
             logits = similarity_logits(z1, z2, config["temperature"])
             diag[f"fn_share_{branch[:-2]}"] = false_negative_share(logits, weights, labels_t[batch_index])
+    mark("loss")
     return loss, diag
 
 
@@ -210,26 +233,33 @@ def main(argv):
     run_dir = Path(config["run_dir"] or Path("runs") / config["dataset"] / out_name)
     if config["threads"] > 0:
         torch.set_num_threads(config["threads"])
-    device = pick_device(config["device"])
-    print(f"pretrain_main.py  commit {git_commit()}  device {device}  torch {torch.__version__}")
-    print(format_config(config))
+    _, _, world = distributed.world_from_env()
+    if config["batch_size"] % world:
+        raise UserError(f"--batch_size={config['batch_size']} does not divide by the {world} processes: each "
+                        f"process takes an equal slice of the global batch; pass a multiple of {world}")
+    rank, world, device = distributed.setup(pick_device(config["device"]))
+    say = print if rank == 0 else (lambda *args, **kwargs: None)  # only rank 0 reports
+    say(f"pretrain_main.py  commit {git_commit()}  device {device}  torch {torch.__version__}")
+    say(format_config(config))
 
     # 1. scene, standardised once per scene (finetune.py applies the same function)
-    scene = load_scene(config["dataset"], config["data_dir"], config["download"], config["cube"],
-                       config["gt"], config["class_names"], config["layout"])
+    with distributed.rank0_first(world):  # one download, then the other ranks read the files
+        scene = load_scene(config["dataset"], config["data_dir"], config["download"], config["cube"],
+                           config["gt"], config["class_names"], config["layout"])
     cube_std = standardise(scene.cube)                                   # (H, W, B)
     h, w, bands = cube_std.shape
-    print(f"scene {scene.name}: {h} x {w} pixels, {bands} bands, {scene.n_classes} classes, "
-          f"{int((scene.gt > 0).sum())} labelled")
+    say(f"scene {scene.name}: {h} x {w} pixels, {bands} bands, {scene.n_classes} classes, "
+        f"{int((scene.gt > 0).sum())} labelled")
 
     # 2. superpixels, their mean spectra, pseudolabels
     t0 = time.time()
     params = slic_params(cube_std.shape, config["slic_pixels_per_segment"], config["slic_compactness"],
                          config["slic_sigma"], config["slic_max_iter"])
-    superpixels, cache_path, hit = cached_superpixels(cube_std, params, config["cache_dir"], scene.name)
+    with distributed.rank0_first(world):  # rank 0 computes and caches SLIC, the others read the cache
+        superpixels, cache_path, hit = cached_superpixels(cube_std, params, config["cache_dir"], scene.name)
     spectra = superpixel_mean_spectra(cube_std, superpixels)             # (S, B)
-    print(f"SLIC: {spectra.shape[0]} superpixels ({'cache hit' if hit else 'computed'} {cache_path}, "
-          f"{time.time() - t0:.1f}s)")
+    say(f"SLIC: {spectra.shape[0]} superpixels ({'cache hit' if hit else 'computed'} {cache_path}, "
+        f"{time.time() - t0:.1f}s)")
     pseudo = np.zeros((h, w), dtype=np.int64)
     pseudo_purity = None
     if "nsmm" in config["negatives"]:
@@ -237,11 +267,13 @@ def main(argv):
         clusters = superpixel_pseudolabels(spectra, k, config["pseudo_pca"], config["seed"])
         pseudo = pixel_pseudolabels(superpixels, clusters)
         pseudo_purity = purity(pseudo, scene.gt)
-        save_pseudolabel_map(run_dir / "pseudolabels.png", pseudo)
-        print(f"pseudolabels: k-means k={k} on {spectra.shape[0]} superpixels, purity against the "
-              f"ground truth {pseudo_purity:.3f} (diagnostic only); map {run_dir / 'pseudolabels.png'}")
+        if rank == 0:
+            save_pseudolabel_map(run_dir / "pseudolabels.png", pseudo)
+        say(f"pseudolabels: k-means k={k} on {spectra.shape[0]} superpixels, purity against the "
+            f"ground truth {pseudo_purity:.3f} (diagnostic only); map {run_dir / 'pseudolabels.png'}")
 
-    # 3. data on the device: padded cube, per-pixel spectra / pseudolabels / labels (diagnostic)
+    # 3. data on the device: padded cube, per-pixel spectra / pseudolabels / labels (diagnostic);
+    # every rank holds all of them, so it indexes the global batch without gathering
     cutter = PatchCutter(cube_std, config["patch_size"], device)
     spectra_t = torch.from_numpy(spectra[superpixels.ravel()]).to(device)   # (H*W, B)
     pseudo_t = torch.from_numpy(pseudo.ravel()).to(device)                   # (H*W,)
@@ -254,7 +286,12 @@ def main(argv):
     # 4. model and optimiser
     torch.manual_seed(config["seed"])
     model = PCLEncoder(bands, config["patch_size"], config["preset"]).to(device)
-    print(describe(model))
+    say(describe(model))
+    if world > 1 and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm over the global batch
+    elif world > 1:
+        say(f"note: {world} CPU processes (gloo): BatchNorm statistics are per process (SyncBatchNorm "
+            f"needs CUDA), so steps differ slightly from one process on the same global batch")
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     use_amp = device.type == "cuda" and config["amp"]
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
@@ -264,13 +301,17 @@ def main(argv):
     fingerprint = cube_fingerprint(scene.cube)
     if config["resume"] and checkpoint_path.exists():
         start_epoch, log = resume_from(checkpoint_path, model, optimizer, config, bands, fingerprint)
-        print(f"resumed from {checkpoint_path} at epoch {start_epoch}")
+        say(f"resumed from {checkpoint_path} at epoch {start_epoch}")
 
+    # DDP averages the gradients of the ranks' losses; `model` stays the plain module that is saved
+    net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None)
     stop = Stop()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     run_dir.mkdir(parents=True, exist_ok=True)
     total_steps = start_epoch * steps_per_epoch
     model.train()
+    stopping = False
     try:
         for epoch in range(start_epoch, config["epochs"]):
             # Every epoch's randomness derives from (seed, epoch): a resumed run repeats it exactly.
@@ -282,52 +323,59 @@ def main(argv):
             counts = {k: 0 for k in sums}
             t_epoch = time.time()
             bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config['epochs']}",
-                       leave=False, file=sys.stderr, disable=None)
+                       leave=False, file=sys.stderr, disable=None if rank == 0 else True)
             for step in bar:
                 batch_index = order[step * config["batch_size"]:(step + 1) * config["batch_size"]].to(device)
-                loss, diag = train_step(model, cutter, batch_index, spectra_t, pseudo_t, labels_t, config,
-                                        view_gen, mine_gen, autocast)
+                loss, diag = train_step(net, cutter, batch_index, spectra_t, pseudo_t, labels_t, config,
+                                        view_gen, mine_gen, autocast, rank, world)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 total_steps += 1
-                for key, value in {"loss": loss.item(), **diag}.items():
+                # the global loss, and one stop decision for all ranks (no rank may leave a collective)
+                loss_value, stop_votes = distributed.mean_over_ranks([loss.item(), float(stop.requested)], world)
+                stopping = stop_votes > 0
+                for key, value in {"loss": loss_value, **diag}.items():
                     if value == value:  # skip nan diagnostics (no labelled pair in the batch)
                         sums[key] += value
                         counts[key] += 1
                 rate = (step + 1) * config["batch_size"] / (time.time() - t_epoch)
-                bar.set_postfix(loss=f"{loss.item():.3f}", anchors_s=f"{rate:.0f}")
-                if stop.requested or (config["max_steps"] and total_steps >= config["max_steps"]):
+                bar.set_postfix(loss=f"{loss_value:.3f}", anchors_s=f"{rate:.0f}")
+                if stopping or (config["max_steps"] and total_steps >= config["max_steps"]):
                     break
-            if stop.requested:
+            if stopping:
                 raise KeyboardInterrupt
             seconds = time.time() - t_epoch
             record = {"epoch": epoch + 1, "seconds": round(seconds, 2),
                       "anchors_per_s": round((step + 1) * config["batch_size"] / seconds, 1),
                       **{k: (sums[k] / counts[k] if counts[k] else None) for k in sums}}
             log.append(record)
-            print(json.dumps(record))
-            save_checkpoint(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                              "epoch": epoch + 1, "config": config, "n_bands": bands,
-                                              "scene_fingerprint": fingerprint,
-                                              "log": json.dumps(log), "commit": git_commit()})
-            # the log follows the checkpoint: a kill between the two never leaves a half line or an extra epoch
-            write_text(run_dir / "log.txt", "".join(json.dumps(r) + "\n" for r in log))
+            say(json.dumps(record))
+            if rank == 0:  # the plain module's state: the same keys with or without DDP
+                save_checkpoint(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                                  "epoch": epoch + 1, "config": config, "n_bands": bands,
+                                                  "scene_fingerprint": fingerprint,
+                                                  "log": json.dumps(log), "commit": git_commit()})
+                # the log follows the checkpoint: a kill between the two never leaves a half line or an extra epoch
+                write_text(run_dir / "log.txt", "".join(json.dumps(r) + "\n" for r in log))
             if config["max_steps"] and total_steps >= config["max_steps"]:
                 break
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        distributed.cleanup()
+    if rank > 0:
+        return weights_path
 
-    # 5. release file: plain module weights + everything needed to rebuild and check it
+    # 5. release file: plain module weights + everything needed to rebuild and check it (rank 0 only)
     metadata = {"dataset": scene.name, "scene_fingerprint": fingerprint,
                 "n_bands": bands, "n_classes": scene.n_classes, "pretrain_config": config,
                 "pseudolabel_purity": pseudo_purity, "log": log, "commit": git_commit()}
     save_encoder(weights_path, model.cpu(), metadata)
     write_json(run_dir / "config.json", config)
     final = log[-1] if log else {}
-    print(f"saved {weights_path}  (loss {final.get('loss', float('nan')):.4f}, "
-          f"false-negative share global {final.get('fn_share_global')}, local {final.get('fn_share_local')})")
+    say(f"saved {weights_path}  (loss {final.get('loss', float('nan')):.4f}, "
+        f"false-negative share global {final.get('fn_share_global')}, local {final.get('fn_share_local')})")
     return weights_path
 
 

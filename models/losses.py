@@ -40,29 +40,39 @@ def similarity_logits(z1, z2, temperature=0.5):
     return z @ z.T / temperature
 
 
-def weighted_nt_xent(z1, z2, weights=None, temperature=0.5):
+def weighted_nt_xent(z1, z2, weights=None, temperature=0.5, anchors=None):
     """NT-Xent with per-negative weights in the denominator (computed in log space).
 
     z1, z2: (N, D) embeddings of the two views (normalised here).
     weights: None or (2N, 2N), rows anchors, columns candidates; multiplies each
         negative term exp(s_rk / t). The diagonal and each anchor's positive are
         ignored (the positive keeps weight 1). A zero weight removes that negative.
-    Returns the mean loss over the 2N anchors (a scalar tensor).
+    anchors: None (all 2N rows) or (M,) long row indices: the loss is the mean over
+        those anchors only, each still against all 2N candidates (a DDP rank passes the
+        rows of its own samples in both views; the mean over all ranks is the full loss).
+    Returns the mean loss over the anchors (a scalar tensor).
     """
     n = z1.shape[0]
-    logits = similarity_logits(z1, z2, temperature)              # (2N, 2N)
-    rows = torch.arange(2 * n, device=logits.device)
-    pos = positive_index(n, logits.device)
+    if anchors is None:
+        logits = similarity_logits(z1, z2, temperature)          # (2N, 2N)
+        rows = torch.arange(2 * n, device=logits.device)
+    else:
+        z = F.normalize(torch.cat([z1, z2], dim=0), dim=1)      # (2N, D)
+        rows = anchors.to(z.device)
+        logits = z[rows] @ z.T / temperature                    # (M, 2N)
+    local = torch.arange(len(rows), device=logits.device)       # row of `logits` per anchor
+    pos = positive_index(n, logits.device)[rows]                 # (M,) column of each positive
     if weights is not None:
-        weights = weights.to(logits.dtype).clone()
-        weights[rows, pos] = 1.0
+        weights = weights.to(logits.dtype)[rows]                 # (M, 2N), a copy
+        weights[local, pos] = 1.0
         logits_denominator = logits + torch.log(weights)        # log 0 = -inf: exact exclusion
     else:
         logits_denominator = logits
-    self_mask = torch.eye(2 * n, dtype=torch.bool, device=logits.device)
+    self_mask = torch.zeros_like(logits, dtype=torch.bool)
+    self_mask[local, rows] = True
     logits_denominator = logits_denominator.masked_fill(self_mask, float("-inf"))
-    log_denominator = torch.logsumexp(logits_denominator, dim=1)  # (2N,)
-    return (log_denominator - logits[rows, pos]).mean()
+    log_denominator = torch.logsumexp(logits_denominator, dim=1)  # (M,)
+    return (log_denominator - logits[local, pos]).mean()
 
 
 def nsmm_mask(pseudolabels, sim, n_hard, n_easy, generator=None):

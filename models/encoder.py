@@ -1,0 +1,519 @@
+"""PCL encoder: a transformer (global) branch and a ResNet (local) branch over one patch.
+
+Zhao et al., "Purified contrastive learning with global and local representation
+for hyperspectral image classification", TGRS 62, 2024 (docs/METHOD.md section 1).
+Both branches read the same patch x: (N, B, P, P), B bands, P odd >= 5; each gets
+its own NT-Xent loss during pretraining.
+
+- global branch: spectral stem (three Conv3d with (k,1,1) kernels over bands) ->
+  two parallel 2-D stacks (3x3 and 5x5) -> 1x1 fuse into a 5x5 grid of tokens ->
+  `depth` pre-norm blocks (conv-qkv spatial attention, channel attention, FFN)
+  -> mean over tokens = global_feat (N, dim); global_z = L2-normalised global_feat.
+- local branch: ResNet (3x3 stem over all bands, no max-pool) -> global average
+  pool = local_feat (N, widths[-1]); projection MLP -> local_z, L2-normalised.
+
+Choices where the paper is silent (each is a config key or documented here):
+- spectral convs use "same" zero padding (k // 2), so B bands leave the stem as
+  ceil(B / s1) (s1 the first stride: 204 -> 102 in the paper preset) and any
+  B >= 1 works; convs followed by BatchNorm have no bias.
+- each 2-D stack is conv1x1 -> dim/4, conv kxk -> dim/2, MaxPool2d(3, stride 2,
+  pad 1), conv kxk -> dim, AdaptiveAvgPool2d(tokens); every conv is conv-BN-ReLU.
+  The adaptive pool makes any patch size give a `tokens` x `tokens` grid (for
+  P = 15: 15 -> 8 -> 5; for P < 9 the map is smaller than 5 x 5 before it, and
+  the pool repeats cells).
+- the fuse is a plain 1x1 conv (2*dim -> dim, with bias) plus a learned position
+  embedding (1, dim, 5, 5), init trunc-normal std 0.02.
+- the transformer works on the 25 tokens as (N, T, dim); its 1x1 convs (qkv,
+  output projections, FFN) are per-token Linear layers, the same map. qkv of
+  both attentions: Linear (no bias) then a depthwise 3x3 conv on the token grid
+  (Restormer MDTA). Channel attention L2-normalises q and k along the tokens and
+  scales by a learned per-head temperature (init 1). Pre-norm is LayerNorm per
+  token; a final LayerNorm precedes the token mean (usual for pre-norm).
+- ResNet convs use torchvision's init (Kaiming normal, fan_out); the projection
+  MLP is Linear (no bias) -> BatchNorm1d -> ReLU -> Linear.
+
+Speed (`set_fast`, default fast; the weights are the same in both forms, and the
+tests check the two agree in outputs, gradients and BatchNorm statistics):
+- spectral stem: a (k,1,1) Conv3d on (N, C, B, H, W) is a Conv2d with kernel
+  (k, 1) on (N, C, B, H*W), and BatchNorm3d is BatchNorm over that 4-D view.
+  The fast form runs that Conv2d (on CPU in channels-last memory, 2-3x faster
+  in oneDNN for so few channels), except in the one-channel first layer, where
+  F.conv3d measured fastest. Reference: F.conv3d and BatchNorm on 5-D tensors.
+- attention: F.scaled_dot_product_attention; reference: softmax(q k^T s) v.
+- the two stacks' first 1x1 convs read the same (N, C*B', P, P) input and run
+  as one conv with the concatenated weights.
+On a 2-core CPU the stem still dominates: it holds N x C x B' x P^2 values per
+layer (94 MB for 128 patches of the paper preset).
+"""
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils.errors import UserError
+
+PRESETS = {
+    # the authors' sizes
+    "paper": {
+        "dim": 128,               # token width of the global branch
+        "depth": 6,               # transformer blocks
+        "heads": 4,               # heads of both attentions
+        "ffn_ratio": 4,           # FFN hidden = ffn_ratio * dim
+        "tokens": 5,              # token grid side
+        "stem_channels": 8,       # channels of the spectral 3-D stem
+        "stem_kernels": [7, 5, 3],  # band kernel sizes
+        "stem_strides": [2, 1, 1],  # band strides
+        "stack_kernels": [3, 5],  # one parallel 2-D stack per kernel size
+        "resnet_widths": [64, 128, 256, 512],
+        "resnet_blocks": [2, 2, 2, 2],
+        "proj_hidden": 256,       # local projection MLP
+        "proj_dim": 128,
+        "band_proj": 0,           # 0: both branches read all bands, as in the paper
+    },
+    # same structure, sized to pretrain on a 2-core CPU: the spectral stem at full
+    # resolution dominates CPU time, so it keeps half the channels and a quarter of
+    # the bands (stride 4 with kernel 7 still reads every band)
+    "small": {
+        "dim": 32,
+        "depth": 2,
+        "heads": 4,
+        "ffn_ratio": 4,
+        "tokens": 5,
+        "stem_channels": 4,
+        "stem_kernels": [7, 5, 3],
+        "stem_strides": [2, 1, 1],
+        "stack_kernels": [3, 5],
+        "resnet_widths": [16, 32, 64],
+        "resnet_blocks": [1, 1, 1],
+        "proj_hidden": 64,
+        "proj_dim": 32,
+        # learned 1x1 conv (+BN) from all bands to 32 before both branches: the full-band stems
+        # are most of the CPU cost; the paper preset has none
+        "band_proj": 32,
+    },
+}
+
+
+class SpectralBatchNorm(nn.BatchNorm3d):
+    """BatchNorm3d that also takes the (N, C, B, H*W) layout.
+
+    Statistics are per channel over every other axis, so BN over (N, C, B, H, W)
+    equals BN over (N, C, B, H*W); parameters and buffers are BatchNorm3d's.
+    """
+
+    def _check_input_dim(self, input):
+        if input.dim() not in (4, 5):
+            raise ValueError(f"expected a 4-D or 5-D input, got {input.dim()}-D")
+
+
+class SpectralConvBN(nn.Module):
+    """Conv3d with kernel (k, 1, 1) over bands, BatchNorm, ReLU.
+
+    The weight is stored in Conv3d form (C_out, C_in, k, 1, 1). A (k,1,1) Conv3d
+    on (N, C, B, H, W) equals a Conv2d with kernel (k, 1), stride (s, 1) on
+    (N, C, B, H*W), and BatchNorm3d equals BatchNorm over that 4-D view.
+    Reference path: (N, C_in, B, H, W) -> (N, C_out, B', H, W) by F.conv3d.
+    Fast path: (N, C_in, B, H*W) -> (N, C_out, B', H*W) by the Conv2d form, except
+    a 5-D input (the first layer), which gives (N, C_out, B', H*W) by F.conv3d.
+    B' = floor((B - 1) / s) + 1.
+    """
+
+    def __init__(self, c_in, c_out, kernel, stride):
+        super().__init__()
+        self.stride, self.padding = stride, kernel // 2
+        self.conv = nn.Conv3d(c_in, c_out, (kernel, 1, 1), stride=(stride, 1, 1),
+                              padding=(self.padding, 0, 0), bias=False)
+        self.bn = SpectralBatchNorm(c_out)
+        self.fast = True
+
+    def forward(self, x):
+        if self.fast and x.dim() == 5:
+            # first layer, x: (N, 1, B, H, W); with one input channel oneDNN's Conv3d
+            # beats the Conv2d form (measured on CPU); continue in the 4-D layout
+            x = F.conv3d(x, self.conv.weight, stride=(self.stride, 1, 1),
+                         padding=(self.padding, 0, 0)).flatten(3)  # (N, C_out, B', H*W)
+        elif self.fast:
+            # x: (N, C_in, B, H*W). On CPU, oneDNN's channels-last Conv2d is 2-3x faster
+            # than NCHW here; BatchNorm stays NCHW (CPU channels-last BatchNorm is slower
+            # and loses ~1e-3 relative accuracy over ~1e6 values per channel)
+            cpu = x.device.type == "cpu"
+            if cpu:
+                x = x.contiguous(memory_format=torch.channels_last)
+            x = F.conv2d(x, self.conv.weight.squeeze(-1), stride=(self.stride, 1),
+                         padding=(self.padding, 0))  # (N, C_out, B', H*W)
+            if cpu:
+                x = x.contiguous()
+        else:
+            # x: (N, C_in, B, H, W)
+            x = F.conv3d(x, self.conv.weight, stride=(self.stride, 1, 1),
+                         padding=(self.padding, 0, 0))  # (N, C_out, B', H, W)
+        # BN does not need its output for backward, so ReLU may overwrite it
+        return F.relu(self.bn(x), inplace=self.fast)
+
+
+class SpectralStem(nn.Module):
+    """Three spectral conv-BN-ReLU layers, then channels x bands flattened.
+
+    x: (N, B, H, W) -> (N, C * B', H, W), B' the band count after the strides.
+    """
+
+    def __init__(self, n_bands, channels, kernels, strides):
+        super().__init__()
+        layers, c_in, bands = [], 1, n_bands
+        for k, s in zip(kernels, strides):
+            layers.append(SpectralConvBN(c_in, channels, k, s))
+            c_in, bands = channels, (bands - 1) // s + 1
+        self.layers = nn.ModuleList(layers)
+        self.out_channels = channels * bands
+
+    def forward(self, x):
+        N, B, H, W = x.shape
+        h = x.unsqueeze(1)  # (N, 1, B, H, W)
+        for layer in self.layers:
+            h = layer(h)  # fast: (N, C, B', H*W); reference: (N, C, B', H, W)
+        return h.reshape(N, -1, H, W)  # (N, C*B', H, W)
+
+
+def conv_bn_relu(c_in, c_out, kernel):
+    """kxk conv ("same" padding, no bias) -> BatchNorm2d -> ReLU."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=False),
+                         nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class TokenStack(nn.Module):
+    """One 2-D stack: 1x1 -> dim/4, kxk -> dim/2, pool, kxk -> dim, pool to a grid.
+
+    (N, C_in, P, P) -> (N, dim, tokens, tokens) for any P.
+    """
+
+    def __init__(self, c_in, dim, kernel, tokens):
+        super().__init__()
+        self.reduce = conv_bn_relu(c_in, dim // 4, 1)
+        self.body = nn.Sequential(
+            conv_bn_relu(dim // 4, dim // 2, kernel),
+            nn.MaxPool2d(3, stride=2, padding=1),
+            conv_bn_relu(dim // 2, dim, kernel),
+            nn.AdaptiveAvgPool2d(tokens),
+        )
+
+    def forward(self, x):
+        return self.body(self.reduce(x))
+
+
+class ConvQKV(nn.Module):
+    """q, k, v of the tokens: a pointwise Linear (a 1x1 conv) then a depthwise 3x3 conv on the grid.
+
+    x: (N, T, C) tokens of a grid x grid map -> (N, 3C, T).
+    """
+
+    def __init__(self, dim, grid):
+        super().__init__()
+        self.grid = grid
+        self.pointwise = nn.Linear(dim, 3 * dim, bias=False)
+        self.depthwise = nn.Conv2d(3 * dim, 3 * dim, 3, padding=1, groups=3 * dim, bias=False)
+
+    def forward(self, x):
+        qkv = self.pointwise(x)  # (N, T, 3C)
+        qkv = qkv.transpose(1, 2).unflatten(2, (self.grid, self.grid))  # (N, 3C, g, g), channels-last memory
+        return self.depthwise(qkv).flatten(2)  # (N, 3C, T)
+
+
+class SpatialAttention(nn.Module):
+    """Multi-head self-attention between the T tokens, with convolutional qkv.
+
+    x: (N, T, C) -> (N, T, C); heads of width d = C / heads, scale d^-1/2.
+    """
+
+    def __init__(self, dim, heads, grid):
+        super().__init__()
+        self.heads = heads
+        self.qkv = ConvQKV(dim, grid)
+        self.proj = nn.Linear(dim, dim)
+        self.fast = True
+
+    def forward(self, x):
+        N, T, C = x.shape
+        d = C // self.heads
+        qkv = self.qkv(x).reshape(N, 3, self.heads, d, T)  # (N, 3, heads, d, T)
+        q, k, v = qkv.transpose(-2, -1).unbind(1)  # each (N, heads, T, d)
+        if self.fast:
+            out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, d)
+        else:
+            attn = (q @ k.transpose(-2, -1)) * d ** -0.5  # (N, heads, T, T)
+            out = attn.softmax(dim=-1) @ v  # (N, heads, T, d)
+        return self.proj(out.transpose(1, 2).reshape(N, T, C))  # (N, T, C)
+
+
+class ChannelAttention(nn.Module):
+    """Transposed (channel) attention, Restormer/XCiT style, with convolutional qkv.
+
+    Per head, a d x d map between channels: softmax(t * q_hat k_hat^T) with q, k
+    L2-normalised along the tokens and t a learned per-head temperature.
+    x: (N, T, C) -> (N, T, C).
+    """
+
+    def __init__(self, dim, heads, grid):
+        super().__init__()
+        self.heads = heads
+        self.temperature = nn.Parameter(torch.ones(heads, 1, 1))
+        self.qkv = ConvQKV(dim, grid)
+        self.proj = nn.Linear(dim, dim)
+        self.fast = True
+
+    def forward(self, x):
+        N, T, C = x.shape
+        qkv = self.qkv(x).reshape(N, 3, self.heads, C // self.heads, T)  # (N, 3, heads, d, T)
+        q, k, v = qkv.unbind(1)  # each (N, heads, d, T)
+        q = F.normalize(q, dim=-1)
+        k = F.normalize(k, dim=-1)
+        if self.fast:
+            q = q * self.temperature.to(q.dtype)  # keep q's dtype under autocast
+            out = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # (N, heads, d, T)
+        else:
+            attn = (q @ k.transpose(-2, -1)) * self.temperature  # (N, heads, d, d)
+            out = attn.softmax(dim=-1) @ v  # (N, heads, d, T)
+        return self.proj(out.reshape(N, C, T).transpose(1, 2))  # (N, T, C)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + spatial attn, x + channel attn, x + FFN. x: (N, T, C) -> (N, T, C).
+
+    The FFN's 1x1 convs are per-token Linear layers (the same map, and faster).
+    """
+
+    def __init__(self, dim, heads, ffn_ratio, grid):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.spatial = SpatialAttention(dim, heads, grid)
+        self.norm2 = nn.LayerNorm(dim)
+        self.channel = ChannelAttention(dim, heads, grid)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_ratio * dim), nn.GELU(), nn.Linear(ffn_ratio * dim, dim))
+
+    def forward(self, x):
+        x = x + self.spatial(self.norm1(x))
+        x = x + self.channel(self.norm2(x))
+        return x + self.ffn(self.norm3(x))
+
+
+class GlobalBranch(nn.Module):
+    """Spectral stem -> 3x3 and 5x5 stacks -> tokens -> transformer -> mean.
+
+    x: (N, B, P, P) -> (N, dim).
+    """
+
+    def __init__(self, n_bands, dim, depth, heads, ffn_ratio, tokens, stem_channels,
+                 stem_kernels, stem_strides, stack_kernels):
+        super().__init__()
+        self.stem = SpectralStem(n_bands, stem_channels, stem_kernels, stem_strides)
+        self.stacks = nn.ModuleList(TokenStack(self.stem.out_channels, dim, k, tokens)
+                                    for k in stack_kernels)
+        self.fuse = nn.Conv2d(len(stack_kernels) * dim, dim, 1)
+        self.pos_embed = nn.Parameter(torch.zeros(1, dim, tokens, tokens))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.blocks = nn.Sequential(*(TransformerBlock(dim, heads, ffn_ratio, tokens) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.fast = True
+
+    def forward(self, x):
+        h = self.stem(x)  # (N, C*B', P, P)
+        if self.fast:
+            # the stacks' first 1x1 convs read the same wide input: run them as one conv
+            w = torch.cat([stack.reduce[0].weight for stack in self.stacks])  # (S*dim/4, C*B', 1, 1)
+            parts = F.conv2d(h, w).split(w.shape[0] // len(self.stacks), dim=1)  # S x (N, dim/4, P, P)
+            h = torch.cat([stack.body(stack.reduce[1:](part))
+                           for stack, part in zip(self.stacks, parts)], dim=1)  # (N, S*dim, 5, 5)
+        else:
+            h = torch.cat([stack(h) for stack in self.stacks], dim=1)  # (N, S*dim, 5, 5)
+        h = self.fuse(h) + self.pos_embed  # (N, dim, 5, 5)
+        tokens = h.flatten(2).transpose(1, 2)  # (N, T=25, dim)
+        tokens = self.norm(self.blocks(tokens))  # (N, T, dim)
+        return tokens.mean(dim=1)  # (N, dim)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 conv-BN, identity or 1x1-conv shortcut, ReLU."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
+                                            nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + identity, inplace=True)
+
+
+class LocalBranch(nn.Module):
+    """ResNet with a 3x3 stride-1 stem over all bands and no max-pool.
+
+    Stage 1 keeps the resolution, later stages halve it. x: (N, B, P, P) -> (N, widths[-1]).
+    """
+
+    def __init__(self, n_bands, widths, blocks):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(n_bands, widths[0], 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+        stages, c_in = [], widths[0]
+        for i, (width, n) in enumerate(zip(widths, blocks)):
+            stride = 1 if i == 0 else 2
+            stages.append(nn.Sequential(*(BasicBlock(c_in if j == 0 else width, width,
+                                                     stride if j == 0 else 1) for j in range(n))))
+            c_in = width
+        self.stages = nn.Sequential(*stages)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):  # torchvision's ResNet init
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        h = self.stages(self.stem(x))  # (N, widths[-1], P', P')
+        return h.mean(dim=(2, 3))  # (N, widths[-1])
+
+
+class PCLEncoder(nn.Module):
+    """Two-branch PCL encoder.
+
+    n_bands: B; patch_size: P (odd, >= 5); preset: a key of PRESETS; `sizes`
+    overrides single preset entries (build_encoder passes them all, so a saved
+    config rebuilds the same network even if PRESETS change later).
+    `self.config` is a JSON-serialisable dict that build_encoder accepts.
+    """
+
+    def __init__(self, n_bands, patch_size=15, preset="paper", fast=True, **sizes):
+        super().__init__()
+        if not isinstance(preset, str) or preset not in PRESETS:
+            raise UserError(f"unknown encoder preset {preset!r:.40}; presets: {', '.join(PRESETS)}")
+        unknown = set(sizes) - set(PRESETS[preset])
+        if unknown:
+            raise UserError(f"unknown encoder setting(s) {', '.join(sorted(unknown))}; "
+                            f"valid: {', '.join(PRESETS[preset])}")
+        n_bands, patch_size, cfg = _check_sizes(n_bands, patch_size, {**PRESETS[preset], **sizes})
+        self.config = {"n_bands": n_bands, "patch_size": patch_size, "preset": preset, **cfg}
+        branch_bands = cfg["band_proj"] or n_bands
+        self.band_proj = nn.Identity() if not cfg["band_proj"] else nn.Sequential(
+            nn.Conv2d(n_bands, branch_bands, 1, bias=False), nn.BatchNorm2d(branch_bands))
+        self.global_branch = GlobalBranch(
+            branch_bands, cfg["dim"], cfg["depth"], cfg["heads"], cfg["ffn_ratio"], cfg["tokens"],
+            cfg["stem_channels"], cfg["stem_kernels"], cfg["stem_strides"], cfg["stack_kernels"])
+        self.local_branch = LocalBranch(branch_bands, cfg["resnet_widths"], cfg["resnet_blocks"])
+        width = cfg["resnet_widths"][-1]
+        self.local_proj = nn.Sequential(
+            nn.Linear(width, cfg["proj_hidden"], bias=False), nn.BatchNorm1d(cfg["proj_hidden"]),
+            nn.ReLU(inplace=True), nn.Linear(cfg["proj_hidden"], cfg["proj_dim"]))
+        self.set_fast(fast)
+
+    @property
+    def feature_dims(self):
+        """(global width, local width): the two parts of `features`."""
+        return self.config["dim"], self.config["resnet_widths"][-1]
+
+    def set_fast(self, fast=True):
+        """Choose the fast (default) or literal reference computation; weights are shared."""
+        for m in self.modules():
+            if hasattr(m, "fast"):
+                m.fast = bool(fast)
+        return self
+
+    def _check_input(self, x):
+        P, B = self.config["patch_size"], self.config["n_bands"]
+        if x.dim() != 4 or tuple(x.shape[1:]) != (B, P, P):
+            raise ValueError(f"encoder expects patches (N, {B}, {P}, {P}), got {tuple(x.shape)}")
+
+    def branch_features(self, x):
+        """x: (N, B, P, P) -> (global_feat (N, dim), local_feat (N, widths[-1]))."""
+        self._check_input(x)
+        x = self.band_proj(x)  # (N, band_proj or B, P, P)
+        return self.global_branch(x), self.local_branch(x)
+
+    def forward(self, x):
+        """x: (N, B, P, P) -> dict of global_feat (N, dim), local_feat (N, W),
+        global_z (N, dim) and local_z (N, proj_dim), the z's of unit L2 norm."""
+        global_feat, local_feat = self.branch_features(x)  # (N, dim), (N, W)
+        global_z = F.normalize(global_feat, dim=1)  # (N, dim)
+        local_z = F.normalize(self.local_proj(local_feat), dim=1)  # (N, proj_dim)
+        return {"global_feat": global_feat, "local_feat": local_feat,
+                "global_z": global_z, "local_z": local_z}
+
+    def features(self, x):
+        """x: (N, B, P, P) -> (N, dim + W): global_feat and local_feat side by side."""
+        return torch.cat(self.branch_features(x), dim=1)
+
+
+_LIMITS = {"band_proj": 4096, "n_bands": 4096, "patch_size": 255, "dim": 4096, "depth": 64, "heads": 64, "ffn_ratio": 16,
+           "tokens": 64, "stem_channels": 256, "proj_hidden": 8192, "proj_dim": 8192,
+           "stem_kernels": 63, "stem_strides": 16, "stack_kernels": 15, "resnet_widths": 4096,
+           "resnet_blocks": 64}
+
+
+def _check_sizes(n_bands, patch_size, cfg):
+    """Validate an architecture (it may come from a file's metadata); return it with plain ints and lists.
+
+    Absurd sizes are refused too, so crafted metadata cannot make building hang or allocate.
+    """
+    def positive_int(v, key):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 1 <= v <= _LIMITS[key]:
+            raise UserError(f"encoder setting {key} must be an integer in 1..{_LIMITS[key]}, got {v!r:.40}")
+        return int(v)
+
+    n_bands = positive_int(n_bands, "n_bands")
+    patch_size = positive_int(patch_size, "patch_size")
+    if patch_size < 5 or patch_size % 2 == 0:
+        raise UserError(f"patch_size must be odd and >= 5, got {patch_size}")
+    cfg = dict(cfg)
+    cfg.setdefault("band_proj", 0)
+    if cfg["band_proj"] != 0:
+        cfg["band_proj"] = positive_int(cfg["band_proj"], "band_proj")
+    for key in ("dim", "depth", "heads", "ffn_ratio", "tokens", "stem_channels", "proj_hidden", "proj_dim"):
+        cfg[key] = positive_int(cfg[key], key)
+    for key in ("stem_kernels", "stem_strides", "stack_kernels", "resnet_widths", "resnet_blocks"):
+        if not isinstance(cfg[key], (list, tuple)) or not 1 <= len(cfg[key]) <= 8:
+            raise UserError(f"encoder setting {key} must be a list of 1 to 8 integers, got {cfg[key]!r:.40}")
+        cfg[key] = [positive_int(v, key) for v in cfg[key]]
+    if len(cfg["stem_kernels"]) != len(cfg["stem_strides"]):
+        raise UserError("encoder settings stem_kernels and stem_strides must have the same length")
+    if len(cfg["resnet_widths"]) != len(cfg["resnet_blocks"]):
+        raise UserError("encoder settings resnet_widths and resnet_blocks must have the same length")
+    if cfg["dim"] % 4 or cfg["dim"] % cfg["heads"]:
+        raise UserError(f"encoder dim ({cfg['dim']}) must be divisible by 4 and by heads ({cfg['heads']})")
+    if any(k % 2 == 0 for k in cfg["stem_kernels"] + cfg["stack_kernels"]):
+        raise UserError("encoder settings stem_kernels and stack_kernels must be odd")
+    return n_bands, patch_size, cfg
+
+
+def build_encoder(config):
+    """Rebuild a PCLEncoder from its `config` dict (e.g. read from safetensors metadata)."""
+    config = dict(config)
+    missing = {"n_bands", "preset"} - set(config)
+    if missing:
+        raise UserError(f"encoder config lacks {', '.join(sorted(missing))}")
+    n_bands, preset = config.pop("n_bands"), config.pop("preset")
+    patch_size = config.pop("patch_size", 15)
+    return PCLEncoder(n_bands, patch_size, preset, **config)
+
+
+def count_parameters(module):
+    """Number of parameters (trainable or not) in `module`."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def describe(encoder):
+    """One line: preset, input and the parameter count of each branch."""
+    c = encoder.config
+    g = count_parameters(encoder.global_branch)
+    loc = count_parameters(encoder.local_branch)
+    p = count_parameters(encoder.local_proj)
+    widths = "-".join(map(str, c["resnet_widths"]))
+    proj = f"band projection {c['n_bands']}->{c['band_proj']}, " if c.get("band_proj") else ""
+    return (f"PCLEncoder preset={c['preset']} input {c['n_bands']}x{c['patch_size']}x{c['patch_size']}: {proj}"
+            f"global {g / 1e6:.2f}M (dim {c['dim']}, depth {c['depth']}), "
+            f"local {loc / 1e6:.2f}M (ResNet {widths}), projection {p / 1e6:.2f}M, "
+            f"total {count_parameters(encoder) / 1e6:.2f}M parameters")

@@ -1,0 +1,206 @@
+"""PCL encoder: shapes, config round trip, fast path == reference path, errors."""
+import copy
+import json
+
+import pytest
+import torch
+
+from models.encoder import (PRESETS, ChannelAttention, PCLEncoder, SpatialAttention, SpectralStem,
+                            build_encoder, count_parameters, describe)
+from utils.errors import UserError
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+BANDS = 32  # few bands keep the tests quick; one test uses 204
+
+
+def make(preset="small", bands=BANDS, patch=9, seed=0, **sizes):
+    torch.manual_seed(seed)
+    return PCLEncoder(bands, patch, preset, **sizes)
+
+
+def patches(n=6, bands=BANDS, patch=9, seed=1):
+    return torch.randn(n, bands, patch, patch, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("preset", ["small", "paper"])
+@pytest.mark.parametrize("patch", [9, 15])
+def test_output_shapes(preset, patch):
+    enc = make(preset, patch=patch)
+    x = patches(4, patch=patch)
+    out = enc(x)
+    dim, width = enc.feature_dims
+    assert (dim, width) == (PRESETS[preset]["dim"], PRESETS[preset]["resnet_widths"][-1])
+    assert out["global_feat"].shape == (4, dim) and out["global_z"].shape == (4, dim)
+    assert out["local_feat"].shape == (4, width)
+    assert out["local_z"].shape == (4, PRESETS[preset]["proj_dim"])
+    assert enc.features(x).shape == (4, dim + width)
+    for z in (out["global_z"], out["local_z"]):
+        torch.testing.assert_close(z.norm(dim=1), torch.ones(4))
+
+
+@pytest.mark.parametrize("patch", [5, 7, 11])
+def test_any_odd_patch_size(patch):
+    enc = make(patch=patch).eval()
+    with torch.no_grad():
+        assert enc.features(patches(2, patch=patch)).shape == (2, sum(enc.feature_dims))
+
+
+def test_features_are_the_branch_features():
+    enc = make().eval()
+    x = patches()
+    with torch.no_grad():
+        out, feats = enc(x), enc.features(x)
+    torch.testing.assert_close(feats, torch.cat([out["global_feat"], out["local_feat"]], 1), rtol=0, atol=0)
+
+
+def test_salinas_bands_train_step():
+    """The real input size: 204 bands, 15 x 15, small preset, one backward pass."""
+    enc = make(bands=204, patch=15)
+    out = enc(patches(4, bands=204, patch=15))
+    (out["global_z"].sum() + out["local_z"].sum()).backward()
+    grads = [p.grad for p in enc.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert enc.global_branch.stem.out_channels == PRESETS["small"]["stem_channels"] * 51  # ceil(204 / 4)
+    assert SpectralStem(204, 8, [7, 5, 3], [2, 1, 1]).out_channels == 8 * 102  # the paper's stem
+
+
+@pytest.mark.parametrize("preset", ["small", "paper"])
+def test_build_encoder_round_trip(preset):
+    enc = make(preset).eval()
+    config = json.loads(json.dumps(enc.config))  # as stored in safetensors metadata
+    assert config == enc.config
+    assert {"n_bands", "patch_size", "preset"} <= set(config) and set(PRESETS[preset]) <= set(config)
+    torch.manual_seed(123)  # a different init: only load_state_dict may make them equal
+    twin = build_encoder(config).eval()
+    assert twin.config == enc.config
+    assert {k: v.shape for k, v in twin.state_dict().items()} == {k: v.shape for k, v in enc.state_dict().items()}
+    twin.load_state_dict(enc.state_dict(), strict=True)
+    x = patches()
+    with torch.no_grad():
+        a, b = enc(x), twin(x)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_build_encoder_keeps_stored_sizes():
+    """A saved config rebuilds its own sizes, not the preset's current ones."""
+    enc = make(depth=1, resnet_widths=[16, 32, 64])
+    twin = build_encoder(enc.config)
+    assert len(twin.global_branch.blocks) == 1 and twin.feature_dims == (64, 64)
+
+
+def test_build_on_meta_device():
+    """utils.checkpoint.load_encoder builds a skeleton on the meta device first."""
+    with torch.device("meta"):
+        skeleton = build_encoder({"n_bands": 204, "patch_size": 15, "preset": "paper", **PRESETS["paper"]})
+    assert all(p.is_meta for p in skeleton.parameters())
+
+
+def test_deterministic_init():
+    a, b, c = make(seed=0).state_dict(), make(seed=0).state_dict(), make(seed=1).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_unknown_preset_and_bad_settings():
+    with pytest.raises(UserError, match="presets: paper, small"):
+        PCLEncoder(BANDS, 9, "huge")
+    with pytest.raises(UserError, match="presets"):
+        build_encoder({"n_bands": BANDS, "patch_size": 9, "preset": "huge"})
+    with pytest.raises(UserError, match="width"):
+        PCLEncoder(BANDS, 9, "small", width=3)
+    for patch in (4, 3, 10):
+        with pytest.raises(UserError, match="patch_size"):
+            PCLEncoder(BANDS, patch, "small")
+    with pytest.raises(UserError, match="depth"):
+        build_encoder({**make().config, "depth": 10 ** 9})
+    with pytest.raises(UserError, match="heads"):
+        PCLEncoder(BANDS, 9, "small", heads=3)
+
+
+def test_wrong_input_shape():
+    enc = make()
+    with pytest.raises(ValueError, match=f"\\(N, {BANDS}, 9, 9\\)"):
+        enc(patches(2, bands=BANDS + 1))
+
+
+def test_count_and_describe():
+    enc = make()
+    parts = [enc.global_branch, enc.local_branch, enc.local_proj]
+    assert count_parameters(enc) == sum(count_parameters(m) for m in parts) > 0
+    line = describe(enc)
+    assert "\n" not in line and "preset=small" in line and "global" in line and "local" in line
+
+
+# ---- fast path == reference path -------------------------------------------------------------
+
+def assert_grads_close(fast, ref):
+    for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
+        scale = q.grad.abs().max().item() + 1e-8
+        err = (p.grad - q.grad).abs().max().item()
+        assert err <= 1e-4 * scale + 1e-7, f"{name}: max diff {err:.2e} (scale {scale:.2e})"
+
+
+@pytest.mark.parametrize("preset", ["small", "paper"])
+def test_fast_equals_reference(preset):
+    fast = make(preset)
+    ref = copy.deepcopy(fast).set_fast(False)
+    x = patches(8)
+    out_f, out_r = fast(x), ref(x)  # train mode: batch statistics
+    for key in out_f:
+        torch.testing.assert_close(out_f[key], out_r[key], rtol=1e-4, atol=1e-5)
+    w = torch.randn(out_f["global_z"].shape)
+    for model, out in ((fast, out_f), (ref, out_r)):
+        ((out["global_z"] * w).sum() + out["local_z"][:, 0].sum()).backward()
+    assert_grads_close(fast, ref)
+    for (name, a), b in zip(fast.named_buffers(), ref.buffers()):  # BN running stats, 4-D vs 5-D
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    fast.eval(), ref.eval()
+    with torch.no_grad():
+        out_f, out_r = fast(x), ref(x)
+    for key in out_f:
+        torch.testing.assert_close(out_f[key], out_r[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("module", [
+    lambda: SpectralStem(BANDS, 4, [7, 5, 3], [2, 1, 1]),
+    lambda: SpatialAttention(32, 4, grid=5),
+    lambda: ChannelAttention(32, 4, grid=5),
+])
+def test_fast_forms_per_module(module):
+    torch.manual_seed(0)
+    fast = module()
+    ref = copy.deepcopy(fast)
+    for m in ref.modules():
+        if hasattr(m, "fast"):
+            m.fast = False
+    shape = (4, BANDS, 9, 9) if isinstance(fast, SpectralStem) else (4, 25, 32)
+    x = torch.randn(shape, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    a, b = fast(x), ref(x_ref)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    g = torch.randn_like(a)
+    a.backward(g), b.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+    assert_grads_close(fast, ref)
+
+
+def test_autocast_bf16_runs():
+    """Mixed precision (bf16 autocast, as pretrain_main uses on CUDA) keeps dtypes consistent."""
+    enc = make()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = enc(patches(4))
+    (out["global_z"].float().sum() + out["local_z"].float().sum()).backward()
+    assert all(torch.isfinite(v).all() for v in out.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu():
+    enc = make().eval()
+    x = patches(4)
+    with torch.no_grad():
+        cpu = enc(x)
+        gpu = copy.deepcopy(enc).to("cuda")(x.to("cuda"))
+    for key in cpu:
+        assert gpu[key].device.type == "cuda"
+        torch.testing.assert_close(gpu[key].cpu(), cpu[key], rtol=1e-2, atol=1e-3)
