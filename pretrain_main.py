@@ -76,7 +76,7 @@ SETTINGS = [k for k in list(globals()) if not k.startswith("_") and k[0].islower
 from data import load_scene                                          # noqa: E402
 from data.patches import PatchCutter, apply_views, draw_view_params   # noqa: E402
 from data.preprocess import standardise                               # noqa: E402
-from data.pseudolabels import pixel_pseudolabels, purity, superpixel_pseudolabels  # noqa: E402
+from data.pseudolabels import cached_superpixel_pseudolabels, pixel_pseudolabels, purity  # noqa: E402
 from data.superpixels import cached_superpixels, cube_fingerprint, slic_params, superpixel_mean_spectra  # noqa: E402
 from models.encoder import PCLEncoder, PRESETS, count_parameters, describe  # noqa: E402
 from models.losses import false_negative_share, similarity_logits, weighted_nt_xent  # noqa: E402
@@ -264,7 +264,8 @@ def main(argv):
     pseudo_purity = None
     if "nsmm" in config["negatives"]:
         k = config["pseudo_k"] or scene.n_classes
-        clusters = superpixel_pseudolabels(spectra, k, config["pseudo_pca"], config["seed"])
+        clusters, _ = cached_superpixel_pseudolabels(spectra, k, config["pseudo_pca"], config["seed"],
+                                                     config["cache_dir"], Path(cache_path).stem)
         pseudo = pixel_pseudolabels(superpixels, clusters)
         pseudo_purity = purity(pseudo, scene.gt)
         if rank == 0:

@@ -2,9 +2,13 @@
 
 Ground-truth labels are never read here; `purity` compares against them afterwards.
 """
+from pathlib import Path
+
 import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
+
+from utils.fileio import atomic_path
 
 
 def superpixel_pseudolabels(spectra, k, n_components=30, seed=0):
@@ -38,3 +42,23 @@ def purity(pseudolabels, gt):
     table = np.zeros((clusters.max() + 1, classes.max() + 1), dtype=np.int64)
     np.add.at(table, (clusters, classes), 1)
     return float(table.max(axis=1).sum() / clusters.size)
+
+
+def cached_superpixel_pseudolabels(spectra, k, n_components, seed, cache_dir, key):
+    """superpixel_pseudolabels, cached as <cache_dir>/pseudo_<key>_k<k>_pca<n>_s<seed>.npy.
+
+    key: identifies the superpixels (e.g. the SLIC cache file's stem). Returns ((S,) int64, hit).
+    """
+    path = Path(cache_dir) / f"pseudo_{key}_k{k}_pca{n_components}_s{seed}.npy"
+    if path.exists():
+        try:
+            clusters = np.load(path)
+            if clusters.shape == (spectra.shape[0],):
+                return clusters.astype(np.int64), True
+        except (OSError, ValueError):
+            pass  # a damaged cache entry is recomputed
+    clusters = superpixel_pseudolabels(spectra, k, n_components, seed)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, clusters)
+    return clusters, False

@@ -6,6 +6,7 @@ Pretrains the encoders the table needs (weights/<dataset>/<mode>.safetensors, sk
 file exists), runs finetune.py for every method x split x budget (skipped when its JSON exists,
 unless --force=true), then writes results/<dataset>/table.md and table.csv: OA, AA, kappa as
 mean +- std over the seeds, and the pretraining false-negative share beside each encoder row.
+`--pretrain_args` / `--finetune_args` pass extra settings through (e.g. a custom scene's files).
 """
 import json
 import sys
@@ -22,7 +23,7 @@ DEFAULTS = {
     "dataset": "SalinasA", "data_dir": "", "methods": "svm,svm_spatial,supervised,simclr,pcl,nsmm,pcl+nsmm",
     "budgets": "5,10,15", "splits": "random,disjoint", "seeds": "0-9", "protocol": "linear",
     "preset": "small", "epochs": 10, "batch_size": 256, "lr": 1e-3, "threads": 0, "device": "auto",
-    "finetune_epochs": 100, "results_dir": "results", "force": False, "pretrain_args": "", "tag": "",
+    "finetune_epochs": 100, "results_dir": "results", "force": False, "pretrain_args": "", "finetune_args": "", "tag": "",
 }
 # encoder method -> the pretrain_main.py negatives mode that makes it
 PRETRAIN_MODE = {"simclr": "all", "pcl": "pcl", "nsmm": "nsmm", "pcl+nsmm": "pcl+nsmm"}
@@ -53,7 +54,7 @@ def run_cell(cfg, method, split, budget):
                 f"--protocol={cfg['protocol']}", f"--split={split}", f"--train_per_class={budget}",
                 f"--seeds={cfg['seeds']}", f"--name={name}", f"--results_dir={cfg['results_dir']}",
                 f"--device={cfg['device']}", f"--threads={cfg['threads']}", "--save_map=false",
-                f"--finetune_epochs={cfg['finetune_epochs']}"]
+                f"--finetune_epochs={cfg['finetune_epochs']}"] + cfg["finetune_args"].split()
         if method == "supervised":
             argv.append(f"--preset={cfg['preset']}")
         finetune.main(argv)

@@ -1,0 +1,174 @@
+"""End to end: pretrain_main -> weights -> finetune, protocols, maps, the table command, NSMM pieces."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import finetune
+import pretrain_main
+from data.loading import load_scene
+from data.patches import PatchCutter
+from data.preprocess import standardise
+from data.pseudolabels import (cached_superpixel_pseudolabels, pixel_pseudolabels, purity,
+                               superpixel_pseudolabels)
+from data.scenes import palette
+from models.classifier import TwoHeadClassifier, train_classifier
+from models.encoder import PCLEncoder, build_encoder
+from utils.checkpoint import load_encoder, save_encoder
+from utils.make_synthetic_scene import write_scene
+
+DATA = os.environ.get("HSI_DATA_DIR", "")
+TINY = ["--preset=small", "--patch_size=7", "--batch_size=32", "--threads=2", "--cache_dir=cache"]
+
+
+@pytest.fixture()
+def workdir(tmp_path, monkeypatch):
+    """Run the scripts in tmp_path so weights/, runs/ and results/ land there."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HSI_DATA_DIR", str(tmp_path / "no_data_here"))
+    return tmp_path
+
+
+@pytest.fixture()
+def toy(workdir):
+    cube, gt, names = write_scene(workdir / "toy", height=32, width=32, bands=12, n_classes=3, seed=1)
+    return [f"--dataset=custom", f"--cube={cube}", f"--gt={gt}", f"--class_names={names}"]
+
+
+def last_json(capsys):
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("OA "), out[-1]
+    return json.loads(Path(out[-1].split()[-1]).read_text()), out
+
+
+@pytest.mark.skipif(not DATA or not (Path(DATA) / "SalinasA_corrected.mat").exists(),
+                    reason="HSI_DATA_DIR does not hold SalinasA_corrected.mat")
+def test_salinas_a_pretrain_then_finetune_beats_chance(workdir, monkeypatch, capsys):
+    monkeypatch.setenv("HSI_DATA_DIR", DATA)
+    pretrain_main.main(["--dataset=SalinasA", "--epochs=1", "--max_steps=6", "--batch_size=128",
+                        "--threads=2", f"--cache_dir={workdir / 'cache'}"])
+    weights = workdir / "weights" / "SalinasA" / "encoder.safetensors"
+    assert weights.exists()
+    capsys.readouterr()
+    finetune.main(["--dataset=SalinasA", "--seeds=0", "--threads=2", "--save_map=false"])
+    result, lines = last_json(capsys)
+    assert result["summary"]["oa"]["mean"] > 0.6  # chance is about 0.29 (largest class share)
+    run = result["runs"][0]
+    assert len(run["train"]) == 6 * 15 and len(set(run["train"]) & set(run["test"])) == 0
+    assert result["config"]["train_per_class"] == 15 and run["seed"] == 0
+    assert len(run["scores"]["confusion"]) == 6
+    assert "results/SalinasA/encoder_linear_random_15pc.json" in lines[-1]
+
+
+def test_encoder_round_trip_is_strict(tmp_path):
+    torch.manual_seed(0)
+    encoder = PCLEncoder(12, 7, "small").eval()
+    path = tmp_path / "e.safetensors"
+    save_encoder(path, encoder, {"dataset": "toy", "n_bands": 12})
+    loaded, meta = load_encoder(path, build_encoder)
+    loaded.eval()
+    x = torch.randn(4, 12, 7, 7)
+    assert torch.equal(encoder.features(x), loaded.features(x))
+    assert meta["dataset"] == "toy" and meta["encoder_config"] == encoder.config
+    with pytest.raises(RuntimeError):  # strict: an extra key is an error, not ignored
+        loaded.load_state_dict({**loaded.state_dict(), "extra": torch.zeros(1)}, strict=True)
+
+
+def test_linear_probe_leaves_encoder_bit_identical_and_finetune_changes_it(toy, capsys):
+    pretrain_main.main(toy + TINY + ["--epochs=1", "--max_steps=2"])
+    capsys.readouterr()
+    weights = Path("weights/custom/encoder.safetensors")
+    before = weights.read_bytes()
+    finetune.main(toy + ["--seeds=0,1", "--train_per_class=5", "--save_map=false"])
+    result, _ = last_json(capsys)
+    assert weights.read_bytes() == before
+    assert len(result["runs"]) == 2 and result["summary"]["oa"]["std"] >= 0
+
+    # The evaluator's own check: the frozen encoder's state hash is unchanged after a probe.
+    scene = load_scene("custom", "", False, *[a.split("=", 1)[1] for a in toy[1:4]])
+    config = {**{k: getattr(finetune, k) for k in finetune.SETTINGS}, "dataset": "custom"}
+    evaluator = finetune.Evaluator(config, scene, standardise(scene.cube), torch.device("cpu"))
+    digest = finetune.state_digest(evaluator.encoder)
+    train = np.flatnonzero(scene.gt.ravel() > 0)[::7]
+    evaluator.fit(train, scene.gt.ravel()[train], seed=0)
+    assert finetune.state_digest(evaluator.encoder) == digest
+
+    # The fine-tuning protocol trains the backbone.
+    encoder, _ = load_encoder(weights, build_encoder)
+    start = {k: v.clone() for k, v in encoder.state_dict().items()}
+    cutter = PatchCutter(standardise(scene.cube), encoder.config["patch_size"])
+    model = TwoHeadClassifier(encoder, scene.n_classes)
+    train_classifier(model, cutter, train, scene.gt.ravel()[train], epochs=2, batch_size=16)
+    changed = [k for k, v in model.encoder.state_dict().items() if not torch.equal(v, start[k])]
+    assert any("weight" in k for k in changed)
+
+
+def test_finetune_protocol_and_disjoint_split_run(toy, capsys):
+    pretrain_main.main(toy + TINY + ["--epochs=1", "--max_steps=2"])
+    capsys.readouterr()
+    finetune.main(toy + ["--protocol=finetune", "--finetune_epochs=2", "--split=disjoint",
+                         "--train_per_class=3", "--save_map=false"])
+    result, _ = last_json(capsys)
+    assert result["protocol"] == "finetune" and result["split"] == "disjoint"
+    assert any("disjoint split" in n for n in result["notes"])
+
+
+def test_map_png_has_scene_size_and_only_palette_colours(toy, capsys):
+    finetune.main(toy + ["--method=svm", "--train_per_class=5"])
+    result, lines = last_json(capsys)
+    png = Path("results/custom/svm_baseline_random_5pc_prediction.png")
+    image = np.array(Image.open(png).convert("RGB"))
+    assert image.shape[:2] == (32, 32)
+    colours = {tuple(c) for c in image.reshape(-1, 3)}
+    allowed = {tuple(c) for c in palette(3)[1:]}  # every pixel predicted: no background colour
+    assert colours <= allowed
+    assert Path("results/custom/svm_baseline_random_5pc_map.png").exists()
+    csv = Path("results/custom/svm_baseline_random_5pc_per_class.csv").read_text().splitlines()
+    assert csv[0].startswith("class,name,train,test") and len(csv) == 4
+
+
+def test_table_command_on_a_synthetic_scene(toy, capsys, monkeypatch):
+    from utils import table
+    # The table command pretrains with its own settings; keep them tiny.
+    table.main([f"--dataset=custom", "--methods=svm,simclr,pcl", "--budgets=3", "--splits=random,disjoint",
+                "--seeds=0-1", "--epochs=1", "--batch_size=32", "--threads=2",
+                f"--pretrain_args={' '.join(toy[1:] + ['--patch_size=7', '--max_steps=2', '--cache_dir=cache'])}",
+                f"--finetune_args={' '.join(toy[1:])}"])
+    md = Path("results/custom/table.md").read_text()
+    csv = Path("results/custom/table.csv").read_text().splitlines()
+    assert "| pcl |" in md and "| svm |" in md
+    assert len(csv) == 1 + 3 * 2
+    assert Path("weights/custom/pcl.safetensors").exists() and Path("weights/custom/simclr.safetensors").exists()
+
+
+def test_pseudolabels_deterministic_cached_and_purity(tmp_path):
+    rng = np.random.default_rng(0)
+    spectra = np.concatenate([rng.normal(m, 0.1, size=(20, 40)) for m in (0.0, 1.0, 2.0)])
+    a = superpixel_pseudolabels(spectra, 3, 30, seed=4)
+    b = superpixel_pseudolabels(spectra, 3, 30, seed=4)
+    assert np.array_equal(a, b) and len(set(a)) == 3
+    cached, hit = cached_superpixel_pseudolabels(spectra, 3, 30, 4, tmp_path, "toy")
+    again, hit2 = cached_superpixel_pseudolabels(spectra, 3, 30, 4, tmp_path, "toy")
+    assert not hit and hit2 and np.array_equal(cached, a) and np.array_equal(again, a)
+    superpixels = np.repeat(np.arange(60), 4).reshape(12, 20)
+    pseudo = pixel_pseudolabels(superpixels, a)
+    gt = np.repeat(np.repeat([1, 2, 3], 20), 4).reshape(12, 20)
+    assert purity(pseudo, gt) == 1.0
+    assert purity(np.zeros_like(gt), gt) == pytest.approx(1 / 3)
+
+
+def test_pretrain_nsmm_writes_pseudolabel_map_and_purity(toy, capsys):
+    pretrain_main.main(toy + TINY + ["--epochs=1", "--max_steps=1", "--negatives=pcl+nsmm",
+                                      "--slic_pixels_per_segment=20", "--n_hard=4", "--n_easy=4"])
+    out = capsys.readouterr().out
+    assert "purity" in out
+    assert Path("runs/custom/encoder/pseudolabels.png").exists()
+    from utils.checkpoint import read_encoder_file
+    _, meta = read_encoder_file("weights/custom/encoder.safetensors")
+    assert 0 <= meta["pseudolabel_purity"] <= 1
+    assert meta["pretrain_config"]["negatives"] == "pcl+nsmm"
+    assert meta["log"][0]["fn_share_global"] is not None
