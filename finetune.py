@@ -63,6 +63,7 @@ from models.encoder import PCLEncoder, PRESETS, build_encoder          # noqa: E
 from utils.baselines import fit_svm, pca_window_features, spectral_features  # noqa: E402
 from utils.checkpoint import git_commit, load_encoder                  # noqa: E402
 from utils.config import format_config, resolve_config                 # noqa: E402
+from utils.device import pick_device                                # noqa: E402
 from utils.errors import UserError, run_main                           # noqa: E402
 from utils.fileio import write_json, write_text                        # noqa: E402
 from utils.maps import save_comparison_png, save_map_png               # noqa: E402
@@ -81,14 +82,6 @@ def parse_seeds(text):
         return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise UserError(f"--seeds={text}: expected a list like 0,1,2 or a range like 0-9") from None
-
-
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device={name}: CUDA is not available on this machine; use --device=auto or cpu")
-    return torch.device(name)
 
 
 def weights_path_for(config):

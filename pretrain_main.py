@@ -84,17 +84,9 @@ from models.negatives import MODES, negative_weights                  # noqa: E4
 from utils.checkpoint import git_commit, load_checkpoint, save_checkpoint, save_encoder  # noqa: E402
 from utils import distributed                                         # noqa: E402
 from utils.config import format_config, resolve_config                # noqa: E402
+from utils.device import pick_device                                # noqa: E402
 from utils.errors import UserError, run_main                          # noqa: E402
 from utils.fileio import atomic_path, write_json, write_text          # noqa: E402
-
-
-def pick_device(name):
-    """'auto' -> CUDA when present, else CPU; otherwise the named device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device={name}: CUDA is not available on this machine; use --device=auto or cpu")
-    return torch.device(name)
 
 
 def resolve_negatives(config):
@@ -264,8 +256,9 @@ def main(argv):
     pseudo_purity = None
     if "nsmm" in config["negatives"]:
         k = config["pseudo_k"] or scene.n_classes
-        clusters, _ = cached_superpixel_pseudolabels(spectra, k, config["pseudo_pca"], config["seed"],
-                                                     config["cache_dir"], Path(cache_path).stem)
+        with distributed.rank0_first(world):  # k-means once, cached for the other ranks
+            clusters, _ = cached_superpixel_pseudolabels(spectra, k, config["pseudo_pca"], config["seed"],
+                                                         config["cache_dir"], Path(cache_path).stem)
         pseudo = pixel_pseudolabels(superpixels, clusters)
         pseudo_purity = purity(pseudo, scene.gt)
         if rank == 0:

@@ -32,16 +32,19 @@ class PatchCutter:
         return patches.permute(1, 0, 2, 3).contiguous()
 
 
-def random_views(x, generator, crop_min=0.9, jitter_p=0.8, contrast=0.2, shift=0.1):
-    """One random view of each patch: crop-and-resize, then brightness/contrast jitter.
+def draw_view_params(n, generator):
+    """The random numbers of n views: (N, 6) uniform in [0, 1) on the CPU, from `generator`.
 
-    x: (N, B, P, P). Crop side in [crop_min, 1] of the patch at a random position,
-    resized back to P x P (bilinear); with probability jitter_p, x * alpha + beta with
-    alpha in [1 - contrast, 1 + contrast], beta in [-shift, shift]. Random numbers come
-    from `generator` (CPU) so a seed fixes the views on any device. Returns (N, B, P, P).
+    Drawing them apart from applying them lets every DDP rank draw a global batch's
+    numbers and apply its own rows, so the views equal those of one process.
     """
+    return torch.rand(n, 6, generator=generator)
+
+
+def apply_views(x, u, crop_min=0.9, jitter_p=0.8, contrast=0.2, shift=0.1):
+    """Views of x for the numbers u of draw_view_params: x (N, B, P, P), u (N, 6) -> (N, B, P, P)."""
     n = x.shape[0]
-    u = torch.rand(n, 6, generator=generator).to(x.device, x.dtype)  # (N, 6)
+    u = u.to(x.device, x.dtype)                                          # (N, 6)
     scale = crop_min + (1 - crop_min) * u[:, 0]
     tx = (1 - scale) * (2 * u[:, 1] - 1)
     ty = (1 - scale) * (2 * u[:, 2] - 1)
@@ -57,3 +60,14 @@ def random_views(x, generator, crop_min=0.9, jitter_p=0.8, contrast=0.2, shift=0
     beta = shift * (2 * u[:, 5] - 1)
     jittered = view * alpha[:, None, None, None] + beta[:, None, None, None]
     return apply * jittered + (1 - apply) * view
+
+
+def random_views(x, generator, crop_min=0.9, jitter_p=0.8, contrast=0.2, shift=0.1):
+    """One random view of each patch: crop-and-resize, then brightness/contrast jitter.
+
+    x: (N, B, P, P). Crop side in [crop_min, 1] of the patch at a random position,
+    resized back to P x P (bilinear); with probability jitter_p, x * alpha + beta with
+    alpha in [1 - contrast, 1 + contrast], beta in [-shift, shift]. Random numbers come
+    from `generator` (CPU) so a seed fixes the views on any device. Returns (N, B, P, P).
+    """
+    return apply_views(x, draw_view_params(x.shape[0], generator), crop_min, jitter_p, contrast, shift)

@@ -1,7 +1,7 @@
 """PCL encoder: a transformer (global) branch and a ResNet (local) branch over one patch.
 
-Zhao et al., "Purified contrastive learning with global and local representation
-for hyperspectral image classification", TGRS 62, 2024 (docs/METHOD.md section 1).
+Zhao et al., PCL: purified contrastive learning with global and local representation,
+TGRS 62, 2024, doi 10.1109/TGRS.2024.3409378 (docs/METHOD.md section 1).
 Both branches read the same patch x: (N, B, P, P), B bands, P odd >= 5; each gets
 its own NT-Xent loss during pretraining.
 

@@ -193,3 +193,32 @@ def test_loss_decreases_with_training():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1
+
+
+def test_anchor_subsets_average_to_the_full_loss_and_gradient():
+    # DDP: each of W ranks averages over its samples' rows in both views; the mean of
+    # the W rank losses is the full loss, and so is the mean of their gradients
+    g = torch.Generator().manual_seed(11)
+    n, world = 6, 3
+    z1 = torch.randn(n, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    z2 = torch.randn(n, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = tile_weights(torch.rand(n, n, generator=g, dtype=torch.float64) + 0.1)
+    w[0, 3] = 0.0
+    full = weighted_nt_xent(z1, z2, w, 0.3)
+    full_grad = torch.autograd.grad(full, (z1, z2))
+    per = n // world
+    parts = []
+    for rank in range(world):
+        mine = torch.arange(rank * per, (rank + 1) * per)
+        parts.append(weighted_nt_xent(z1, z2, w, 0.3, anchors=torch.cat([mine, mine + n])))
+    mean = torch.stack(parts).mean()
+    assert mean.item() == pytest.approx(full.item(), rel=1e-12)
+    for a, b in zip(torch.autograd.grad(mean, (z1, z2)), full_grad):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    every = weighted_nt_xent(z1, z2, w, 0.3, anchors=torch.arange(2 * n))
+    assert every.item() == pytest.approx(full.item(), rel=1e-12)
+    one = weighted_nt_xent(z1, z2, None, 0.3, anchors=torch.tensor([4]))
+    zz = F.normalize(torch.cat([z1, z2]), dim=1).detach()
+    s = (zz @ zz.T / 0.3).numpy()
+    expected = -s[4, 4 + n] + math.log(sum(math.exp(s[4, k]) for k in range(2 * n) if k != 4))
+    assert one.item() == pytest.approx(expected, rel=1e-12)

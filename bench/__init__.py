@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks on synthetic scenes: python -m bench.run (docs/BENCHMARKS.md)."""

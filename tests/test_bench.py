@@ -1,0 +1,127 @@
+"""The benchmark (bench/run.py) and full-scene inference: every pixel, bounded memory (issue 5)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import finetune
+from bench import run as bench
+from data.loading import Scene
+from data.preprocess import standardise
+from data.scenes import palette
+from models.encoder import PCLEncoder
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = {"dim": 8, "depth": 1, "heads": 2, "ffn_ratio": 2, "stem_channels": 2, "resnet_widths": [4, 8],
+              "resnet_blocks": [1, 1], "proj_hidden": 8, "proj_dim": 8, "band_proj": 0}
+
+
+def tiny_scene(h, w, bands, k=3, seed=0):
+    cube, gt = bench.synthetic_scene(h, w, bands, k, 0.25, seed)
+    return Scene(name="tiny", cube=cube, gt=gt, class_names=[f"c{i}" for i in range(k)], palette=palette(k),
+                 rgb_bands=(0, 0, 0))
+
+
+def test_bench_tiny_writes_json(tmp_path):
+    lines = []
+    out = tmp_path / "tiny.json"
+    path = bench.main(["--dataset=tiny", "--preset=small", "--patch_size=5", "--batch_size=16",
+                       "--finetune_batch_size=8", "--inference_batch_size=64", "--steps=2", "--warmup=1",
+                       "--threads=1", f"--out={out}"], log=lines.append)
+    assert path == out and lines[-1] == str(out)
+    result = json.loads(out.read_text())
+    for key in ("pretrain_anchors_per_s", "finetune_samples_per_s", "inference_pixels_per_s", "peak_rss_mb",
+                "slic_standardise_s", "forward_flops_per_anchor", "pretrain_flops_per_s"):
+        assert result[key] > 0, key
+    for key in ("data", "forward", "loss", "backward_step"):
+        part = result["pretrain"]["parts_s"][key]
+        assert 0 < part["min"] <= part["median"] <= part["max"]
+    assert result["inference"]["pixels"] == 16 * 16
+    assert result["device_name"] and result["torch"] == torch.__version__ and result["threads"] == 1
+    assert result["config"]["batch_size"] == 16 and result["form"] == "fast"
+
+
+def test_bench_reference_form_and_size_overrides(tmp_path):
+    path = bench.main(["--dataset=SalinasA", "--height=12", "--width=9", "--bands=5", "--preset=small",
+                       "--patch_size=5", "--batch_size=8", "--steps=1", "--warmup=0", "--parts=pretrain",
+                       "--reference=true", "--threads=1", f"--out={tmp_path / 'r.json'}"], log=lambda *a: None)
+    result = json.loads(path.read_text())
+    assert result["scene_shape"] == [12, 9, 5] and result["form"] == "reference"
+    assert result["pretrain_anchors_per_s"] > 0 and "inference" not in result
+
+
+def test_every_pixel_is_predicted():
+    # 13 x 11 pixels, predict_scene chunks of 8 x 4 = 32: the last chunk is partial
+    scene = tiny_scene(13, 11, 6)
+    torch.manual_seed(0)
+    encoder = PCLEncoder(6, 5, "small", **TINY_MODEL)
+    prediction, _, predict, _ = bench.scene_map(encoder, scene, standardise(scene.cube), torch.device("cpu"),
+                                                batch_size=4)
+    assert prediction.shape == (13 * 11,) and (prediction >= 1).all() and (prediction <= 3).all()
+    np.testing.assert_array_equal(prediction, predict(np.arange(13 * 11)))
+    grid = prediction.reshape(13, 11)
+    last_row, last_col = np.arange(12 * 11, 13 * 11), np.arange(10, 13 * 11, 11)
+    np.testing.assert_array_equal(grid[-1], predict(last_row))
+    np.testing.assert_array_equal(grid[:, -1], predict(last_col))
+
+
+def test_scene_inference_extracts_features_per_batch(monkeypatch):
+    # the map never holds the patches or features of more than one chunk of pixels
+    scene = tiny_scene(30, 17, 6)
+    torch.manual_seed(0)
+    encoder = PCLEncoder(6, 5, "small", **TINY_MODEL)
+    calls, rows = [], []
+    original = finetune.extract_features
+
+    def spy(enc, cutter, flat_index, batch_size):
+        calls.append(len(flat_index))
+        if not hasattr(enc, "_spied"):
+            features = enc.features
+            enc.features = lambda x: (rows.append(x.shape[0]), features(x))[1]
+            enc._spied = True
+        return original(enc, cutter, flat_index, batch_size)
+
+    monkeypatch.setattr(finetune, "extract_features", spy)
+    prediction, _, _, _ = bench.scene_map(encoder, scene, standardise(scene.cube), torch.device("cpu"), batch_size=8)
+    assert (prediction >= 1).all()
+    labelled = int((scene.gt > 0).sum())
+    assert calls[0] == labelled  # Evaluator caches the labelled pixels' features once, for the probe
+    assert len(calls) > 1 and max(calls[1:]) <= 8 * 8 and max(rows) <= 8  # then one chunk at a time
+    assert sum(rows) <= labelled + 30 * 17
+
+
+CHILD = """
+import resource, sys
+import torch
+torch.set_num_threads(1)
+from bench.run import scene_map, synthetic_scene
+from data.loading import Scene
+from data.preprocess import standardise
+from data.scenes import palette
+from models.encoder import PCLEncoder
+torch.manual_seed(0)
+encoder = PCLEncoder(32, 7, "small", **{tiny})
+for side in (24, 80, 160):
+    cube, gt = synthetic_scene(side, side, 32, 3, 0.05, 0)
+    scene = Scene("tiny", cube, gt, ["a", "b", "c"], palette(3), (0, 0, 0))
+    prediction = scene_map(encoder, scene, standardise(cube), torch.device("cpu"), 256)[0]
+    assert (prediction >= 1).all()
+    print(side, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, flush=True)
+"""
+
+
+def test_scene_inference_peak_memory_stays_flat_as_the_scene_grows():
+    # 80 x 80 -> 160 x 160 pixels (4x): holding every patch at once would add 25600 x 32 x 7 x 7
+    # float32 = 160 MB (and the authors' code did); batched inference adds only the larger cube
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", CHILD.replace("{tiny}", repr(TINY_MODEL))], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    peak = {int(line.split()[0]): float(line.split()[1]) for line in proc.stdout.split("\n") if line.strip()}
+    all_patches_mb = 160 * 160 * 32 * 7 * 7 * 4 / 2 ** 20
+    assert peak[160] - peak[80] < 0.3 * all_patches_mb, peak
