@@ -60,7 +60,8 @@ def test_salinas_bands_train_step():
     (out["global_z"].sum() + out["local_z"].sum()).backward()
     grads = [p.grad for p in enc.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert enc.global_branch.stem.out_channels == PRESETS["small"]["stem_channels"] * 51  # ceil(204 / 4)
+    # the small preset projects 204 bands to band_proj = 32 first, then its stem halves them
+    assert enc.global_branch.stem.out_channels == PRESETS["small"]["stem_channels"] * 16
     assert SpectralStem(204, 8, [7, 5, 3], [2, 1, 1]).out_channels == 8 * 102  # the paper's stem
 
 
@@ -86,7 +87,7 @@ def test_build_encoder_keeps_stored_sizes():
     """A saved config rebuilds its own sizes, not the preset's current ones."""
     enc = make(depth=1, resnet_widths=[16, 32, 64])
     twin = build_encoder(enc.config)
-    assert len(twin.global_branch.blocks) == 1 and twin.feature_dims == (64, 64)
+    assert len(twin.global_branch.blocks) == 1 and twin.feature_dims == (PRESETS["small"]["dim"], 64)
 
 
 def test_build_on_meta_device():
@@ -126,10 +127,11 @@ def test_wrong_input_shape():
 
 def test_count_and_describe():
     enc = make()
-    parts = [enc.global_branch, enc.local_branch, enc.local_proj]
+    parts = [enc.band_proj, enc.global_branch, enc.local_branch, enc.local_proj]
     assert count_parameters(enc) == sum(count_parameters(m) for m in parts) > 0
     line = describe(enc)
     assert "\n" not in line and "preset=small" in line and "global" in line and "local" in line
+    assert f"band projection {BANDS}->{PRESETS['small']['band_proj']}" in line
 
 
 # ---- fast path == reference path -------------------------------------------------------------
