@@ -144,6 +144,15 @@ def test_table_command_on_a_synthetic_scene(toy, capsys, monkeypatch):
     assert len(csv) == 1 + 3 * 2
     assert Path("weights/custom/pcl.safetensors").exists() and Path("weights/custom/simclr.safetensors").exists()
 
+    from utils import paired
+    paired.main(["--dataset=custom", "--others=svm,simclr", "--budgets=3"])
+    rows = Path("results/custom/paired_pcl.md").read_text().splitlines()[2:]
+    assert len(rows) == 4 and all(r.endswith("/2 |") for r in rows)
+    pcl = json.loads(Path("results/custom/pcl_linear_random_3pc.json").read_text())["runs"]
+    svm = json.loads(Path("results/custom/svm_baseline_random_3pc.json").read_text())["runs"]
+    expected = np.mean([100 * (a["scores"]["oa"] - b["scores"]["oa"]) for a, b in zip(pcl, svm)])
+    assert f"{expected:+.2f}" in rows[0]
+
 
 def test_pseudolabels_deterministic_cached_and_purity(tmp_path):
     rng = np.random.default_rng(0)
