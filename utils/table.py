@@ -29,14 +29,19 @@ DEFAULTS = {
 PRETRAIN_MODE = {"simclr": "all", "pcl": "pcl", "nsmm": "nsmm", "pcl+nsmm": "pcl+nsmm"}
 
 
+def weights_path(cfg, method):
+    """weights/<dataset>/<method><tag>.safetensors: a tag keeps variants apart."""
+    return Path("weights") / cfg["dataset"] / f"{method}{cfg['tag']}.safetensors"
+
+
 def pretrain_if_missing(cfg, method):
     """weights/<dataset>/<method>.safetensors, pretrained now if absent. Returns its path."""
-    path = Path("weights") / cfg["dataset"] / f"{method}.safetensors"
+    path = weights_path(cfg, method)
     if path.exists() and not cfg["force"]:
         return path
     argv = [f"--dataset={cfg['dataset']}", f"--data_dir={cfg['data_dir']}", f"--negatives={PRETRAIN_MODE[method]}",
             f"--preset={cfg['preset']}", f"--epochs={cfg['epochs']}", f"--batch_size={cfg['batch_size']}",
-            f"--lr={cfg['lr']}", f"--out_name={method}", f"--device={cfg['device']}",
+            f"--lr={cfg['lr']}", f"--out_name={path.stem}", f"--device={cfg['device']}",
             f"--threads={cfg['threads']}", "--resume=false"] + cfg["pretrain_args"].split()
     t0 = time.time()
     pretrain_main.main(argv)
@@ -57,6 +62,8 @@ def run_cell(cfg, method, split, budget):
                 f"--finetune_epochs={cfg['finetune_epochs']}"] + cfg["finetune_args"].split()
         if method == "supervised":
             argv.append(f"--preset={cfg['preset']}")
+        if method in PRETRAIN_MODE:
+            argv.append(f"--weights={weights_path(cfg, method)}")
         finetune.main(argv)
     return json.loads(path.read_text())
 
