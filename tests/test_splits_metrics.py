@@ -129,3 +129,13 @@ def test_views_seeded_and_identity_without_augmentation():
     assert torch.equal(v1, v2) and v1.shape == x.shape
     same = random_views(x, torch.Generator().manual_seed(0), crop_min=1.0, jitter_p=0.0)
     assert torch.allclose(same, x, atol=1e-5)
+
+
+def test_result_json_is_strict(tmp_path):
+    import json
+    from utils.fileio import write_json
+    path = tmp_path / "r.json"
+    write_json(path, {"kappa": float("nan"), "runs": [{"oa": 0.5, "x": [float("inf"), 1.0]}]})
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"kappa": None, "runs": [{"oa": 0.5, "x": [None, 1.0]}]}

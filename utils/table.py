@@ -69,7 +69,14 @@ def run_cell(cfg, method, split, budget):
 
 
 def fmt(stat):
+    """'mean ± std' in %, or 'n/a' where the metric is undefined (null in the JSON)."""
+    if stat["mean"] is None or stat["std"] is None:
+        return "n/a"
     return f"{100 * stat['mean']:.2f} ± {100 * stat['std']:.2f}"
+
+
+def num(value):
+    return "" if value is None else f"{value:.4f}"
 
 
 def false_negative_share(result):
@@ -112,9 +119,9 @@ def main(argv):
             r = cells[method, split, budget]
             s = r["summary"]
             row += [fmt(s["oa"]), fmt(s["aa"]), fmt(s["kappa"])]
-            csv.append(f"{method},{split},{budget},{s['oa']['mean']:.4f},{s['oa']['std']:.4f},{s['aa']['mean']:.4f},"
-                       f"{s['aa']['std']:.4f},{s['kappa']['mean']:.4f},{s['kappa']['std']:.4f},"
-                       f"{false_negative_share(r)},{r.get('seconds', '')}")
+            values = [s[m][k] for m in ("oa", "aa", "kappa") for k in ("mean", "std")]
+            csv.append(f"{method},{split},{budget}," + ",".join(num(v) for v in values)
+                       + f",{false_negative_share(r)},{r.get('seconds', '')}")
         md.append("| " + " | ".join(row) + " |")
     out = Path(cfg["results_dir"]) / cfg["dataset"]
     table_md = out / f"table{cfg['tag']}.md"
