@@ -107,12 +107,14 @@ def pretraining_pool(gt, pool):
 
 
 def save_pseudolabel_map(path, labels):
-    """PNG of the pseudolabel map, one colour per cluster, for inspection."""
+    """PNG of the pseudolabel map (H, W), one colour per cluster, for inspection."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    scale = max(1, 256 // min(labels.shape))  # nearest-neighbour upscale: small scenes stay readable
+    big = np.repeat(np.repeat(labels, scale, axis=0), scale, axis=1)
     with atomic_path(path) as tmp:
-        plt.imsave(tmp, labels, cmap="tab20", format="png")
+        plt.imsave(tmp, big, cmap="tab20", format="png")
 
 
 # Settings that may differ between a run and its resumption: they change where things go,
