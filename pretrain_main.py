@@ -276,7 +276,8 @@ def main(argv):
     labels_t = torch.from_numpy(scene.gt.ravel().astype(np.int64)).to(device)  # (H*W,)
     pool = torch.from_numpy(pretraining_pool(scene.gt, config["pretrain_pool"]))
     if len(pool) < config["batch_size"]:
-        raise UserError(f"pretraining pool has {len(pool)} pixels, fewer than --batch_size={config['batch_size']}")
+        raise UserError(f"pretraining pool ({config['pretrain_pool']}) has {len(pool)} pixels, fewer than "
+                        f"--batch_size={config['batch_size']}; pass a smaller --batch_size")
     steps_per_epoch = len(pool) // config["batch_size"]
 
     # 4. model and optimiser

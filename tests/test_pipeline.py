@@ -19,6 +19,7 @@ from data.scenes import palette
 from models.classifier import TwoHeadClassifier, train_classifier
 from models.encoder import PCLEncoder, build_encoder
 from utils.checkpoint import load_encoder, save_encoder
+from utils.errors import UserError
 from utils.make_synthetic_scene import write_scene
 
 DATA = os.environ.get("HSI_DATA_DIR", "")
@@ -74,8 +75,17 @@ def test_encoder_round_trip_is_strict(tmp_path):
     x = torch.randn(4, 12, 7, 7)
     assert torch.equal(encoder.features(x), loaded.features(x))
     assert meta["dataset"] == "toy" and meta["encoder_config"] == encoder.config
-    with pytest.raises(RuntimeError):  # strict: an extra key is an error, not ignored
-        loaded.load_state_dict({**loaded.state_dict(), "extra": torch.zeros(1)}, strict=True)
+
+
+    class WithExtraKey:  # an encoder file with one tensor the architecture does not have
+        config = encoder.config
+
+        def state_dict(self):
+            return {**encoder.state_dict(), "extra": torch.zeros(1)}
+
+    save_encoder(tmp_path / "extra.safetensors", WithExtraKey(), {"dataset": "toy", "n_bands": 12})
+    with pytest.raises(UserError, match="extra.safetensors"):  # strict: refused, not ignored
+        load_encoder(tmp_path / "extra.safetensors", build_encoder)
 
 
 def test_linear_probe_leaves_encoder_bit_identical_and_finetune_changes_it(toy, capsys):
