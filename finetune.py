@@ -7,6 +7,10 @@ other labelled pixel -> results/<dataset>/<name>.json, a per-class CSV and a map
 
 Edit the settings below, or override any of them: python finetune.py --seeds=0-9 --split=disjoint
 """
+import os
+# before torch: its CPU allocator then backs large tensors with transparent huge pages
+# (fewer page faults on the paper preset's 376 MB activations; docs/BENCHMARKS.md)
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 import hashlib
 import time
 from pathlib import Path
@@ -58,7 +62,7 @@ from data.preprocess import standardise                                # noqa: E
 from data.splits import make_split                                     # noqa: E402
 from data.superpixels import cube_fingerprint                          # noqa: E402
 from models.classifier import (TwoHeadClassifier, extract_features, fit_linear_probe,  # noqa: E402
-                               predict_pixels, train_classifier)
+                               pixel_cutter, predict_pixels, train_classifier)
 from models.encoder import PCLEncoder, PRESETS, build_encoder          # noqa: E402
 from utils.baselines import fit_svm, pca_window_features, spectral_features  # noqa: E402
 from utils.checkpoint import git_commit, load_encoder                  # noqa: E402
@@ -142,7 +146,12 @@ class Evaluator:
             labelled = np.flatnonzero(scene.gt.ravel() > 0)
             self.labelled_index = {int(p): i for i, p in enumerate(labelled)}
             self.digest = state_digest(self.encoder)
-            self.labelled_features = extract_features(self.encoder, self.cutter, labelled, config["batch_size"])
+            # the encoder is frozen: its per-pixel stage is computed once for the whole scene
+            start = time.perf_counter()
+            self.pixels = pixel_cutter(self.encoder, self.cutter)
+            self.pixel_map_seconds = time.perf_counter() - start
+            self.labelled_features = extract_features(self.encoder, self.cutter, labelled, config["batch_size"],
+                                                      pixels=self.pixels)
 
     def _features(self, flat_index):
         if self.feature_cache is not None:
@@ -164,7 +173,7 @@ class Evaluator:
                 idx = np.asarray(idx)
                 if all(int(p) in self.labelled_index for p in idx):
                     return probe(self._features(idx))  # features extracted once at start
-                return probe(extract_features(self.encoder, self.cutter, idx, cfg["batch_size"]))
+                return probe(extract_features(self.encoder, self.cutter, idx, cfg["batch_size"], pixels=self.pixels))
             return predict
         # finetune protocol, or the supervised baseline (same encoder, from scratch, full lr)
         torch.manual_seed(seed)
@@ -179,7 +188,13 @@ class Evaluator:
         augment = (lambda x, g: random_views(x, g)) if self.method == "supervised" else None
         train_classifier(model, self.cutter, train, labels, cfg["finetune_epochs"], cfg["finetune_batch_size"],
                          cfg["finetune_lr"], lr_scale, seed=seed, augment=augment)
-        return lambda idx: predict_pixels(model, self.cutter, np.asarray(idx), cfg["batch_size"])
+        pixels = []  # the trained model's pixel map, made on the first prediction
+
+        def predict(idx):
+            if not pixels:
+                pixels.append(pixel_cutter(model.encoder, self.cutter))
+            return predict_pixels(model, self.cutter, np.asarray(idx), cfg["batch_size"], pixels[0])
+        return predict
 
     def _check_frozen(self):
         if state_digest(self.encoder) != self.digest:

@@ -9,8 +9,11 @@ Edit the settings below, or override any of them: python pretrain_main.py --epoc
 Several processes (DistributedDataParallel, one GPU each, or gloo on CPU):
     torchrun --nproc_per_node=K pretrain_main.py --batch_size=256   (batch_size: the global batch)
 """
-import json
 import os
+# before torch: its CPU allocator then backs large tensors with transparent huge pages
+# (fewer page faults on the paper preset's 376 MB activations; docs/BENCHMARKS.md)
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+import json
 import signal
 import sys
 import time

@@ -12,6 +12,10 @@ repeats after `warmup` (CUDA is synchronised around each timed part).
 Writes JSON to --out (default bench/results/<dataset>_<preset>_<device>[_reference].json)
 and prints its path on the last line.
 """
+import os
+# before torch: its CPU allocator then backs large tensors with transparent huge pages
+# (fewer page faults on the paper preset's 376 MB activations; docs/BENCHMARKS.md)
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 import platform
 import resource
 import statistics
@@ -226,7 +230,9 @@ def scene_map(encoder, scene, cube_std, device, batch_size=512, seed=0, fast=Tru
     """Full-scene map the way finetune.py makes it: Evaluator with the linear protocol (frozen
     features + logistic regression on 15 labelled pixels per class), then predict_scene.
 
-    Returns (prediction (H*W,) labels 1..K, Evaluator, predict, seconds of predict_scene).
+    Returns (prediction (H*W,) labels 1..K, Evaluator, predict, seconds): the seconds of
+    predict_scene plus those of the Evaluator's pixel map (the per-pixel stage of the whole
+    scene, made once); fast=False uses neither the fast forms nor the pixel map.
     """
     cfg = {k: getattr(finetune, k) for k in finetune.SETTINGS}
     with tempfile.TemporaryDirectory() as tmp:
@@ -237,6 +243,9 @@ def scene_map(encoder, scene, cube_std, device, batch_size=512, seed=0, fast=Tru
         cfg.update(weights=str(path), protocol="linear", batch_size=batch_size, dataset=scene.name)
         evaluator = finetune.Evaluator(cfg, scene, cube_std, device)
     evaluator.encoder.set_fast(fast)
+    pixel_seconds = evaluator.pixel_map_seconds
+    if not fast:
+        evaluator.pixels, pixel_seconds = None, 0.0
     gt = scene.gt.ravel()
     rng = np.random.default_rng(seed)
     train = np.concatenate([rng.permutation(np.flatnonzero(gt == c))[:15] for c in range(1, scene.n_classes + 1)])
@@ -246,7 +255,7 @@ def scene_map(encoder, scene, cube_std, device, batch_size=512, seed=0, fast=Tru
     t0 = time.perf_counter()
     prediction = finetune.predict_scene(predict, gt.size, batch_size)
     sync()
-    return prediction, evaluator, predict, time.perf_counter() - t0
+    return prediction, evaluator, predict, time.perf_counter() - t0 + pixel_seconds
 
 
 def bench_inference(config, scene, cube_std, encoder, device, log):

@@ -21,6 +21,17 @@ class PatchCutter:
         self.padded = torch.from_numpy(np.ascontiguousarray(padded.transpose(2, 0, 1))).to(device)  # (B, H+2h, W+2h)
         self.offsets = torch.arange(patch_size, device=device)
 
+    @classmethod
+    def from_padded(cls, padded, patch_size, height, width):
+        """A cutter over an already padded (C, H + P - 1, W + P - 1) tensor (e.g. a pixel map
+        of the padded cube), addressed by the same flat indices of the (H, W) scene."""
+        cutter = cls.__new__(cls)
+        cutter.patch_size, cutter.height, cutter.width = patch_size, height, width
+        cutter.bands = padded.shape[0]
+        cutter.padded = padded
+        cutter.offsets = torch.arange(patch_size, device=padded.device)
+        return cutter
+
     def __call__(self, flat_index):
         """flat_index: (N,) long tensor of pixel indices. Returns (N, B, P, P)."""
         flat_index = flat_index.to(self.padded.device)

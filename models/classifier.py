@@ -6,19 +6,36 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
+from data.patches import PatchCutter
+
 
 @torch.no_grad()
-def extract_features(encoder, cutter, flat_index, batch_size=512):
+def pixel_cutter(encoder, cutter):
+    """A PatchCutter over encoder.pixel_map of the cutter's padded cube (eval mode).
+
+    Its patches are what the encoder's per-pixel stage gives on the cutter's patches, so
+    `encoder.features(cutter(i), pixels(i))` equals `encoder.features(cutter(i))` at a
+    fraction of the cost; valid while the encoder's weights and BatchNorm stats do not change.
+    """
+    encoder.eval()
+    pixel_map = encoder.pixel_map(cutter.padded)                       # (R, H + P - 1, W + P - 1)
+    return PatchCutter.from_padded(pixel_map, cutter.patch_size, cutter.height, cutter.width)
+
+
+@torch.no_grad()
+def extract_features(encoder, cutter, flat_index, batch_size=512, pixels=None):
     """Frozen features of the given pixels, in batches (bounded memory).
 
-    flat_index: (M,) int64 numpy. Returns (M, F) float32 numpy, F = global dim + local width.
+    flat_index: (M,) int64 numpy; pixels: optional pixel_cutter(encoder, cutter), to skip
+    the per-pixel stage. Returns (M, F) float32 numpy, F = global dim + local width.
     """
     encoder.eval()
     device = cutter.padded.device
     out = []
     for start in range(0, len(flat_index), batch_size):
         idx = torch.from_numpy(np.asarray(flat_index[start:start + batch_size])).to(device)
-        out.append(encoder.features(cutter(idx)).float().cpu())
+        pixel = None if pixels is None else pixels(idx)
+        out.append(encoder.features(cutter(idx), pixel).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, sum(encoder.feature_dims)), np.float32)
 
 
@@ -44,13 +61,13 @@ class TwoHeadClassifier(nn.Module):
         self.head_local = nn.Linear(dim_local, n_classes)
         self.global_share = global_share
 
-    def forward(self, x):
-        """x: (N, B, P, P) -> (global logits (N, K), local logits (N, K))."""
-        out = self.encoder(x)
+    def forward(self, x, pixel=None):
+        """x: (N, B, P, P) -> (global logits (N, K), local logits (N, K)); pixel: see PCLEncoder."""
+        out = self.encoder(x, pixel)
         return self.head_global(out["global_feat"]), self.head_local(out["local_feat"])
 
-    def predict_logits(self, x):
-        g, l = self(x)
+    def predict_logits(self, x, pixel=None):
+        g, l = self(x, pixel)
         return self.global_share * g + (1 - self.global_share) * l
 
 
@@ -92,12 +109,16 @@ def train_classifier(model, cutter, train_index, train_labels, epochs=100, batch
 
 
 @torch.no_grad()
-def predict_pixels(model, cutter, flat_index, batch_size=512):
-    """Class predictions 1..K of a TwoHeadClassifier for the given pixels, batched: (M,) int64."""
+def predict_pixels(model, cutter, flat_index, batch_size=512, pixels=None):
+    """Class predictions 1..K of a TwoHeadClassifier for the given pixels, batched: (M,) int64.
+
+    pixels: optional pixel_cutter(model.encoder, cutter) of the trained model.
+    """
     model.eval()
     device = cutter.padded.device
     out = []
     for start in range(0, len(flat_index), batch_size):
         idx = torch.from_numpy(np.asarray(flat_index[start:start + batch_size])).to(device)
-        out.append(model.predict_logits(cutter(idx)).argmax(1).cpu())
+        pixel = None if pixels is None else pixels(idx)
+        out.append(model.predict_logits(cutter(idx), pixel).argmax(1).cpu())
     return (torch.cat(out).numpy() + 1).astype(np.int64)

@@ -174,6 +174,152 @@ class SpectralStem(nn.Module):
         return h.reshape(N, -1, H, W)  # (N, C*B', H, W)
 
 
+def _rows(t):
+    """(N, C, B, HW) channels-last tensor -> its (N*B*HW, C) matrix view."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def _unrows(rows, like):
+    """(N*B*HW, C) matrix -> (N, C, B, HW) channels-last view, shaped like `like`."""
+    N, C, B, HW = like.shape
+    return rows.view(N, B, HW, C).permute(0, 3, 1, 2)
+
+
+def _batch_stats(bn, z_rows):
+    """BatchNorm statistics of z_rows (M, C): (mean, invstd) used to normalise, as nn.BatchNorm.
+
+    Training: the batch's mean and biased variance (two-pass), and the running statistics
+    updated as nn.BatchNorm updates them (momentum, unbiased variance, batch count).
+    Eval: the running statistics.
+    """
+    if not bn.training and bn.running_mean is not None:
+        return bn.running_mean.clone(), (bn.running_var + bn.eps).rsqrt()
+    m = z_rows.shape[0]
+    mean = z_rows.sum(0) / m                                     # (C,)
+    centred = z_rows - mean
+    var = centred.square_().sum(0) / m                           # (C,) biased
+    del centred
+    if bn.training and bn.track_running_stats:
+        momentum = bn.momentum if bn.momentum is not None else 0.0
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:
+                momentum = 1.0 / float(bn.num_batches_tracked)
+        with torch.no_grad():
+            bn.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+            bn.running_var.mul_(1 - momentum).add_(var * (m / max(m - 1, 1)), alpha=momentum)
+    return mean, (var + bn.eps).rsqrt()
+
+
+def _bn_relu_rows(bn, z_rows, mean, invstd):
+    """relu(BN(z)) for z_rows (M, C): one multiply-add and one clamp over the rows."""
+    scale = bn.weight * invstd                                   # (C,)
+    shift = bn.bias - mean * scale                               # (C,)
+    return torch.addcmul(shift, z_rows, scale).clamp_(min=0)     # (M, C)
+
+
+def _spectral_conv(h, layer, n, hw):
+    """One (k,1,1) spectral conv of SpectralConvBN `layer` -> (N, C_out, B', HW) channels-last.
+
+    h: (N, 1, B, H, W) for the first layer (Conv3d, fastest for one input channel) or
+    (N, C_in, B, HW) channels-last (the Conv2d (k,1) form).
+    """
+    if h.dim() == 5:
+        z = F.conv3d(h, layer.conv.weight, stride=(layer.stride, 1, 1), padding=(layer.padding, 0, 0))
+        return z.reshape(n, z.shape[1], z.shape[2], hw).contiguous(memory_format=torch.channels_last)
+    return F.conv2d(h, layer.conv.weight.squeeze(-1), stride=(layer.stride, 1), padding=(layer.padding, 0))
+
+
+class _StemReduceCPU(torch.autograd.Function):
+    """Spectral stem then the stacks' merged 1x1 reduce conv, on CPU, keeping little for backward.
+
+    x: (N, B, H, W) -> (N, R, H, W), R = rows of reduce_weight
+    (R, C*B', 1, 1). Computes SpectralStem + F.conv2d(., reduce_weight): each layer is a
+    channels-last (k,1) conv, BatchNorm over the (N*B'*HW, C) rows of its output, ReLU.
+    Autograd's form keeps each layer's conv output *and* ReLU output for backward (376 MB
+    each for 512 paper-preset patches) and runs BatchNorm in slow channels-last kernels;
+    this keeps the conv outputs z only, rebuilds relu(z * scale + shift) in backward, and
+    writes BatchNorm's forward and backward as a few passes over the rows.
+    """
+
+    @staticmethod
+    def forward(ctx, x, reduce_weight, stem, *params):
+        N, B, H, W = x.shape
+        h = x.reshape(N, 1, B, H, W)                             # one channel
+        zs, stats = [], []
+        for layer in stem.layers:
+            z = _spectral_conv(h, layer, N, H * W)                # (N, C, B', HW) channels-last
+            mean, invstd = _batch_stats(layer.bn, _rows(z))       # z: (N, C, B', HW)
+            h = _unrows(_bn_relu_rows(layer.bn, _rows(z), mean, invstd), z)
+            zs.append(z)
+            stats.append((mean, invstd))
+        C, Bp, R = h.shape[1], h.shape[2], reduce_weight.shape[0]
+        rows = h.permute(0, 3, 2, 1).reshape(N * H * W, Bp * C)  # (N*HW, B'*C), column b*C + c
+        del h
+        w_bc = reduce_weight.reshape(R, C, Bp).transpose(1, 2).reshape(R, Bp * C)
+        out = (rows @ w_bc.t()).view(N, H, W, R).permute(0, 3, 1, 2).contiguous()  # (N, R, H, W)
+        ctx.stem, ctx.stats, ctx.shape = stem, stats, (N, B, H, W)
+        ctx.batch_stats = [layer.bn.training or layer.bn.running_mean is None for layer in stem.layers]
+        ctx.save_for_backward(x, reduce_weight, *zs)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, reduce_weight, *zs = ctx.saved_tensors
+        N, B, H, W = ctx.shape
+        layers = list(ctx.stem.layers)
+        R, C, Bp = reduce_weight.shape[0], zs[-1].shape[1], zs[-1].shape[2]
+        g_rows = grad_out.permute(0, 2, 3, 1).reshape(N * H * W, R)      # (N*HW, R)
+        a = _unrows(_bn_relu_rows(layers[-1].bn, _rows(zs[-1]), *ctx.stats[-1]), zs[-1])
+        rows = a.permute(0, 3, 2, 1).reshape(N * H * W, Bp * C)
+        g_reduce = (g_rows.t() @ rows).view(R, Bp, C).transpose(1, 2).reshape(reduce_weight.shape)
+        del rows
+        w_bc = reduce_weight.reshape(R, C, Bp).transpose(1, 2).reshape(R, Bp * C)
+        g_a = (g_rows @ w_bc).view(N, H * W, Bp, C).permute(0, 3, 2, 1)    # (N, C, B', HW)
+        g_a = g_a.contiguous(memory_format=torch.channels_last)
+        grads = []
+        for i in reversed(range(len(layers))):
+            layer, bn, z = layers[i], layers[i].bn, zs[i]
+            mean, invstd = ctx.stats[i]
+            g = _rows(g_a)                                                # (M, C), ours to overwrite
+            torch.ops.aten.threshold_backward.grad_input(g, _rows(a), 0, grad_input=g)  # ReLU backward
+            del g_a, a
+            z_rows, m = _rows(z), g.shape[0]
+            g_beta = g.sum(0)                                             # (C,)
+            g_gamma = ((g * z_rows).sum(0) - mean * g_beta) * invstd      # sum of g * x_hat
+            k1 = bn.weight * invstd                                       # dz = k1 g + k2 z + k3, in place
+            g.mul_(k1)
+            if ctx.batch_stats[i]:
+                k2 = -k1 * invstd * g_gamma / m
+                k3 = -k1 * (g_beta - mean * invstd * g_gamma) / m
+                g.addcmul_(z_rows, k2).add_(k3)
+            g_z = _unrows(g, z)
+            if i == 0:  # the one-channel first layer runs as Conv3d (the fastest form measured)
+                g_a, g_w, _ = torch.ops.aten.convolution_backward(
+                    g_z.unflatten(3, (H, W)), x.reshape(N, 1, B, H, W), layer.conv.weight, None,
+                    [layer.stride, 1, 1], [layer.padding, 0, 0], [1, 1, 1], False, [0, 0, 0], 1,
+                    [ctx.needs_input_grad[0], True, False])
+            else:
+                a = _unrows(_bn_relu_rows(layers[i - 1].bn, _rows(zs[i - 1]), *ctx.stats[i - 1]), zs[i - 1])
+                g_a, g_w, _ = torch.ops.aten.convolution_backward(
+                    g_z, a, layer.conv.weight.squeeze(-1), None, [layer.stride, 1], [layer.padding, 0], [1, 1],
+                    False, [0, 0], 1, [True, True, False])
+                g_w = g_w.unsqueeze(-1)
+            del g_z, g
+            grads = [g_w, g_gamma, g_beta] + grads
+        g_x = g_a.reshape(N, B, H, W) if ctx.needs_input_grad[0] else None
+        return (g_x, g_reduce, None, *grads)
+
+
+def stem_reduce_cpu(stem, reduce_weight, x):
+    """SpectralStem then a 1x1 conv by reduce_weight (R, C*B', 1, 1), by _StemReduceCPU.
+
+    x: (N, B, H, W) -> (N, R, H, W). Only for plain BatchNorm layers (not SyncBatchNorm).
+    """
+    params = [t for layer in stem.layers for t in (layer.conv.weight, layer.bn.weight, layer.bn.bias)]
+    return _StemReduceCPU.apply(x, reduce_weight, stem, *params)
+
+
 def conv_bn_relu(c_in, c_out, kernel):
     """kxk conv ("same" padding, no bias) -> BatchNorm2d -> ReLU."""
     return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=False),
@@ -315,16 +461,31 @@ class GlobalBranch(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.fast = True
 
-    def forward(self, x):
-        h = self.stem(x)  # (N, C*B', P, P)
-        if self.fast:
-            # the stacks' first 1x1 convs read the same wide input: run them as one conv
-            w = torch.cat([stack.reduce[0].weight for stack in self.stacks])  # (S*dim/4, C*B', 1, 1)
-            parts = F.conv2d(h, w).split(w.shape[0] // len(self.stacks), dim=1)  # S x (N, dim/4, P, P)
-            h = torch.cat([stack.body(stack.reduce[1:](part))
-                           for stack, part in zip(self.stacks, parts)], dim=1)  # (N, S*dim, 5, 5)
+    def pixel_stage(self, x):
+        """The per-pixel part: spectral stem, then each stack's 1x1 conv, BatchNorm and ReLU.
+
+        x: (N, B, H, W), any H and W -> (N, S*dim/4, H, W). Each output pixel depends on
+        the same input pixel only, so in eval mode a scene's map can be computed once
+        (`PCLEncoder.pixel_map`) and cut into patches, instead of once per patch.
+        """
+        if not self.fast:
+            h = self.stem(x)  # (N, C*B', H, W)
+            return torch.cat([stack.reduce(h) for stack in self.stacks], dim=1)
+        # the stacks' first 1x1 convs read the same wide input: run them as one conv
+        w = torch.cat([stack.reduce[0].weight for stack in self.stacks])  # (S*dim/4, C*B', 1, 1)
+        plain_bn = all(type(layer.bn) is SpectralBatchNorm for layer in self.stem.layers)
+        if x.device.type == "cpu" and plain_bn and not torch.is_autocast_enabled("cpu"):
+            r = stem_reduce_cpu(self.stem, w, x)  # (N, S*dim/4, H, W), less memory kept for backward
         else:
-            h = torch.cat([stack(h) for stack in self.stacks], dim=1)  # (N, S*dim, 5, 5)
+            r = F.conv2d(self.stem(x), w)  # (N, S*dim/4, H, W)
+        parts = r.split(w.shape[0] // len(self.stacks), dim=1)
+        return torch.cat([stack.reduce[1:](part) for stack, part in zip(self.stacks, parts)], dim=1)
+
+    def forward(self, x, pixel=None):
+        """x: (N, B, P, P) -> (N, dim); pixel: its pixel_stage if already computed (then x is unused)."""
+        pixel = self.pixel_stage(x) if pixel is None else pixel  # (N, S*dim/4, P, P)
+        parts = pixel.split(pixel.shape[1] // len(self.stacks), dim=1)
+        h = torch.cat([stack.body(part) for stack, part in zip(self.stacks, parts)], dim=1)  # (N, S*dim, 5, 5)
         h = self.fuse(h) + self.pos_embed  # (N, dim, 5, 5)
         tokens = h.flatten(2).transpose(1, 2)  # (N, T=25, dim)
         tokens = self.norm(self.blocks(tokens))  # (N, T, dim)
@@ -427,24 +588,55 @@ class PCLEncoder(nn.Module):
         if x.dim() != 4 or tuple(x.shape[1:]) != (B, P, P):
             raise ValueError(f"encoder expects patches (N, {B}, {P}, {P}), got {tuple(x.shape)}")
 
-    def branch_features(self, x):
-        """x: (N, B, P, P) -> (global_feat (N, dim), local_feat (N, widths[-1]))."""
+    def branch_features(self, x, pixel=None):
+        """x: (N, B, P, P) -> (global_feat (N, dim), local_feat (N, widths[-1])).
+
+        pixel: optional (N, R, P, P) patches of `pixel_map` (eval mode only): the global
+        branch then starts after its per-pixel stage instead of recomputing it.
+        """
         self._check_input(x)
         x = self.band_proj(x)  # (N, band_proj or B, P, P)
-        return self.global_branch(x), self.local_branch(x)
+        return self.global_branch(x, pixel), self.local_branch(x)
 
-    def forward(self, x):
+    @torch.no_grad()
+    def pixel_map(self, scene, pixels_per_chunk=4096):
+        """The global branch's per-pixel stage at every pixel of a scene, in eval mode.
+
+        scene: (B, H, W), e.g. PatchCutter.padded -> (R, H, W), R = pixel_channels. In eval
+        mode the band projection, spectral stem and the stacks' 1x1 conv + BatchNorm + ReLU
+        act on each pixel alone, so cutting a patch of this map gives what the patch's own
+        forward pass computes, once per pixel instead of once per patch containing it
+        (P^2 = 225 times). Computed a block of rows at a time (bounded memory).
+        """
+        if self.training:
+            raise RuntimeError("pixel_map needs eval mode (training BatchNorm mixes pixels)")
+        B, H, W = scene.shape
+        step = max(1, pixels_per_chunk // W)
+        blocks = []
+        for top in range(0, H, step):
+            x = self.band_proj(scene[None, :, top:top + step])                 # (1, B', rows, W)
+            blocks.append(self.global_branch.pixel_stage(x)[0])               # (R, rows, W)
+        return torch.cat(blocks, dim=1)
+
+    @property
+    def pixel_channels(self):
+        """Channels R of pixel_map: the stacks' reduced widths, side by side."""
+        return len(self.config["stack_kernels"]) * (self.config["dim"] // 4)
+
+    def forward(self, x, pixel=None):
         """x: (N, B, P, P) -> dict of global_feat (N, dim), local_feat (N, W),
-        global_z (N, dim) and local_z (N, proj_dim), the z's of unit L2 norm."""
-        global_feat, local_feat = self.branch_features(x)  # (N, dim), (N, W)
+        global_z (N, dim) and local_z (N, proj_dim), the z's of unit L2 norm.
+        pixel: see branch_features."""
+        global_feat, local_feat = self.branch_features(x, pixel)  # (N, dim), (N, W)
         global_z = F.normalize(global_feat, dim=1)  # (N, dim)
         local_z = F.normalize(self.local_proj(local_feat), dim=1)  # (N, proj_dim)
         return {"global_feat": global_feat, "local_feat": local_feat,
                 "global_z": global_z, "local_z": local_z}
 
-    def features(self, x):
-        """x: (N, B, P, P) -> (N, dim + W): global_feat and local_feat side by side."""
-        return torch.cat(self.branch_features(x), dim=1)
+    def features(self, x, pixel=None):
+        """x: (N, B, P, P) -> (N, dim + W): global_feat and local_feat side by side.
+        pixel: see branch_features."""
+        return torch.cat(self.branch_features(x, pixel), dim=1)
 
 
 _LIMITS = {"band_proj": 4096, "n_bands": 4096, "patch_size": 255, "dim": 4096, "depth": 64, "heads": 64, "ffn_ratio": 16,

@@ -78,13 +78,13 @@ def test_scene_inference_extracts_features_per_batch(monkeypatch):
     calls, rows = [], []
     original = finetune.extract_features
 
-    def spy(enc, cutter, flat_index, batch_size):
+    def spy(enc, cutter, flat_index, batch_size, **kw):
         calls.append(len(flat_index))
         if not hasattr(enc, "_spied"):
             features = enc.features
-            enc.features = lambda x: (rows.append(x.shape[0]), features(x))[1]
+            enc.features = lambda x, pixel=None: (rows.append(x.shape[0]), features(x, pixel))[1]
             enc._spied = True
-        return original(enc, cutter, flat_index, batch_size)
+        return original(enc, cutter, flat_index, batch_size, **kw)
 
     monkeypatch.setattr(finetune, "extract_features", spy)
     prediction, _, _, _ = bench.scene_map(encoder, scene, standardise(scene.cube), torch.device("cpu"), batch_size=8)

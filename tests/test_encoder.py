@@ -206,3 +206,77 @@ def test_cuda_matches_cpu():
     for key in cpu:
         assert gpu[key].device.type == "cuda"
         torch.testing.assert_close(gpu[key].cpu(), cpu[key], rtol=1e-2, atol=1e-3)
+
+
+# ---- CPU stem with lean backward, and the per-pixel stage computed once per scene -----------
+
+def test_fast_stem_eval_mode_gradients():
+    """Eval-mode BatchNorm (running statistics) with gradients: the fast CPU stem's second branch."""
+    fast = make("paper").eval()
+    ref = copy.deepcopy(fast).set_fast(False)
+    x = patches(4).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    a, b = fast.global_branch.pixel_stage(x), ref.global_branch.pixel_stage(x_ref)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    g = torch.randn_like(a)
+    a.backward(g), b.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(fast.global_branch.named_parameters(), ref.global_branch.parameters()):
+        if q.grad is not None:
+            scale = q.grad.abs().max().item() + 1e-8
+            assert (p.grad - q.grad).abs().max().item() <= 1e-4 * scale + 1e-7, name
+
+
+def saved_bytes(fn):
+    """Bytes of the distinct storages autograd keeps for backward while running fn()."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_fast_stem_keeps_less_for_backward():
+    """The CPU stem keeps one tensor per spectral layer (its conv output), autograd's form two or more."""
+    fast = make("paper", bands=64)
+    ref = copy.deepcopy(fast).set_fast(False)
+    x = patches(8, bands=64)
+    layer_bytes = 8 * 8 * 32 * 81 * 4  # N x C x B' x P^2 floats of one spectral layer (64 bands -> 32)
+    kept_fast = saved_bytes(lambda: fast.global_branch.pixel_stage(x))
+    kept_ref = saved_bytes(lambda: ref.global_branch.pixel_stage(x))
+    assert kept_ref >= 6 * layer_bytes                 # conv output + ReLU output of each of 3 layers
+    # the 3 conv outputs, x, and the 1x1 reduce's outputs and weight (well under one layer here)
+    assert kept_fast <= 3 * layer_bytes + x.nbytes + layer_bytes
+
+
+@pytest.mark.parametrize("preset", ["small", "paper"])
+@pytest.mark.parametrize("fast", [True, False])
+def test_pixel_map_patches_equal_the_patch_forward(preset, fast):
+    from data.patches import PatchCutter
+    from models.classifier import extract_features, pixel_cutter
+    enc = make(preset).set_fast(fast)
+    enc(patches(8))  # a training step's BatchNorm statistics, so eval mode is not the identity
+    enc.eval()
+    cube = torch.randn(13, 11, BANDS, generator=torch.Generator().manual_seed(3)).numpy()
+    cutter = PatchCutter(cube, 9)
+    pixels = pixel_cutter(enc, cutter)
+    assert pixels.padded.shape == (enc.pixel_channels, 13 + 8, 11 + 8)
+    idx = torch.tensor([0, 10, 11, 77, 142])  # corners, an edge, the middle
+    with torch.no_grad():
+        direct = enc.global_branch.pixel_stage(enc.band_proj(cutter(idx)))
+        torch.testing.assert_close(pixels(idx), direct, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(enc.features(cutter(idx), pixels(idx)), enc.features(cutter(idx)),
+                                   rtol=1e-4, atol=1e-5)
+    flat = idx.numpy()
+    np_testing = pytest.importorskip("numpy").testing
+    np_testing.assert_allclose(extract_features(enc, cutter, flat, 2, pixels=pixels),
+                               extract_features(enc, cutter, flat, 2), rtol=1e-4, atol=1e-5)
+
+
+def test_pixel_map_refuses_train_mode():
+    enc = make()
+    with pytest.raises(RuntimeError, match="eval mode"):
+        enc.pixel_map(torch.zeros(BANDS, 9, 9))
