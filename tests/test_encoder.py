@@ -280,3 +280,25 @@ def test_pixel_map_refuses_train_mode():
     enc = make()
     with pytest.raises(RuntimeError, match="eval mode"):
         enc.pixel_map(torch.zeros(BANDS, 9, 9))
+
+
+def test_low_memory_mode_computes_the_same_and_keeps_less():
+    """set_low_memory: same outputs, gradients and BatchNorm statistics as the reference forms."""
+    lean = make("paper", bands=64)
+    ref = copy.deepcopy(lean).set_fast(False)
+    fast = copy.deepcopy(lean)
+    lean.set_low_memory(True)
+    x = patches(8, bands=64)
+    out_l, out_r = lean(x), ref(x)
+    for key in out_l:
+        torch.testing.assert_close(out_l[key], out_r[key], rtol=1e-4, atol=1e-5)
+    w = torch.randn(out_l["global_z"].shape)
+    for out in (out_l, out_r):
+        ((out["global_z"] * w).sum() + out["local_z"][:, 0].sum()).backward()
+    assert_grads_close(lean, ref)
+    for (name, a), b in zip(lean.named_buffers(), ref.buffers()):  # each BatchNorm updated once
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    kept_lean = saved_bytes(lambda: lean(x))
+    kept_fast = saved_bytes(lambda: fast(x))
+    layer_bytes = 8 * 8 * 32 * 81 * 4
+    assert kept_lean <= kept_fast - 3 * layer_bytes  # no spectral conv outputs kept, nor block activations
