@@ -89,7 +89,7 @@ from models.negatives import MODES, negative_weights                  # noqa: E4
 from utils.checkpoint import git_commit, load_checkpoint, save_checkpoint, save_encoder  # noqa: E402
 from utils import distributed                                         # noqa: E402
 from utils.config import format_config, resolve_config                # noqa: E402
-from utils.device import pick_device                                # noqa: E402
+from utils.device import pick_device, release_freed_memory          # noqa: E402
 from utils.errors import UserError, run_main                          # noqa: E402
 from utils.fileio import atomic_path, write_json, write_text          # noqa: E402
 
@@ -290,6 +290,8 @@ def main(argv):
     torch.manual_seed(config["seed"])
     model = PCLEncoder(bands, config["patch_size"], config["preset"]).to(device)
     model.set_low_memory(config["low_memory"])
+    if config["low_memory"]:
+        release_freed_memory()
     say(describe(model))
     if world > 1 and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm over the global batch

@@ -253,7 +253,9 @@ class _StemReduceCPU(torch.autograd.Function):
             z = _spectral_conv(h, layer, N, H * W)                # (N, C, B', HW) channels-last
             mean, invstd = _batch_stats(layer.bn, _rows(z))       # z: (N, C, B', HW)
             h = _unrows(_bn_relu_rows(layer.bn, _rows(z), mean, invstd), z)
-            zs.append(z)
+            if not stem.low_memory:
+                zs.append(z)
+            del z
             stats.append((mean, invstd))
         C, Bp, R = h.shape[1], h.shape[2], reduce_weight.shape[0]
         rows = h.permute(0, 3, 2, 1).reshape(N * H * W, Bp * C)  # (N*HW, B'*C), column b*C + c
@@ -263,23 +265,35 @@ class _StemReduceCPU(torch.autograd.Function):
         ctx.stem, ctx.stats, ctx.shape = stem, stats, (N, B, H, W)
         ctx.batch_stats = [layer.bn.training or layer.bn.running_mean is None for layer in stem.layers]
         ctx.recompute = stem.low_memory
-        ctx.save_for_backward(x, reduce_weight, *([] if stem.low_memory else zs))
+        ctx.save_for_backward(x, reduce_weight, *zs)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, reduce_weight, *zs = ctx.saved_tensors
         N, B, H, W = ctx.shape
-        layers = list(ctx.stem.layers)
-        if ctx.recompute:  # low-memory mode: the conv outputs again, with the forward's statistics
-            h = x.reshape(N, 1, B, H, W)
-            for layer, stats in zip(layers, ctx.stats):
-                zs.append(_spectral_conv(h, layer, N, H * W))
-                h = _unrows(_bn_relu_rows(layer.bn, _rows(zs[-1]), *stats), zs[-1])
-            del h
-        R, C, Bp = reduce_weight.shape[0], zs[-1].shape[1], zs[-1].shape[2]
+        layers, stats = list(ctx.stem.layers), ctx.stats
+        x5 = x.reshape(N, 1, B, H, W)
+
+        def relu_bn(i, z):  # layer i's output a_i from its conv output, (N, C, B', HW)
+            return _unrows(_bn_relu_rows(layers[i].bn, _rows(z), *stats[i]), z)
+
+        def conv_input_and_output(i):  # (input of layer i's conv, its output z_i)
+            if not ctx.recompute:
+                return (x5 if i == 0 else relu_bn(i - 1, zs[i - 1])), zs[i]
+            h = x5  # low-memory mode: run the layers again up to i, with the forward's statistics
+            for j in range(i + 1):
+                z = _spectral_conv(h, layers[j], N, H * W)
+                if j < i:
+                    h = relu_bn(j, z)
+            return h, z
+
+        top = len(layers) - 1
+        R, C, Bp = reduce_weight.shape[0], layers[-1].bn.num_features, None
+        inp, z = conv_input_and_output(top)
+        a = relu_bn(top, z)                                               # (N, C, B', HW)
+        Bp = a.shape[2]
         g_rows = grad_out.permute(0, 2, 3, 1).reshape(N * H * W, R)      # (N*HW, R)
-        a = _unrows(_bn_relu_rows(layers[-1].bn, _rows(zs[-1]), *ctx.stats[-1]), zs[-1])
         rows = a.permute(0, 3, 2, 1).reshape(N * H * W, Bp * C)
         g_reduce = (g_rows.t() @ rows).view(R, Bp, C).transpose(1, 2).reshape(reduce_weight.shape)
         del rows
@@ -288,11 +302,11 @@ class _StemReduceCPU(torch.autograd.Function):
         g_a = g_a.contiguous(memory_format=torch.channels_last)
         grads = []
         for i in reversed(range(len(layers))):
-            layer, bn, z = layers[i], layers[i].bn, zs[i]
-            mean, invstd = ctx.stats[i]
+            layer, bn = layers[i], layers[i].bn
+            mean, invstd = stats[i]
             g = _rows(g_a)                                                # (M, C), ours to overwrite
             torch.ops.aten.threshold_backward.grad_input(g, _rows(a), 0, grad_input=g)  # ReLU backward
-            del g_a, a
+            del a
             z_rows, m = _rows(z), g.shape[0]
             g_beta = g.sum(0)                                             # (C,)
             g_gamma = ((g * z_rows).sum(0) - mean * g_beta) * invstd      # sum of g * x_hat
@@ -302,18 +316,21 @@ class _StemReduceCPU(torch.autograd.Function):
                 k2 = -k1 * invstd * g_gamma / m
                 k3 = -k1 * (g_beta - mean * invstd * g_gamma) / m
                 g.addcmul_(z_rows, k2).add_(k3)
-            g_z = _unrows(g, z)
+            del z, z_rows
+            g_z = _unrows(g, g_a)
             if i == 0:  # the one-channel first layer runs as Conv3d (the fastest form measured)
                 g_a, g_w, _ = torch.ops.aten.convolution_backward(
-                    g_z.unflatten(3, (H, W)), x.reshape(N, 1, B, H, W), layer.conv.weight, None,
+                    g_z.unflatten(3, (H, W)), x5, layer.conv.weight, None,
                     [layer.stride, 1, 1], [layer.padding, 0, 0], [1, 1, 1], False, [0, 0, 0], 1,
                     [ctx.needs_input_grad[0], True, False])
             else:
-                a = _unrows(_bn_relu_rows(layers[i - 1].bn, _rows(zs[i - 1]), *ctx.stats[i - 1]), zs[i - 1])
                 g_a, g_w, _ = torch.ops.aten.convolution_backward(
-                    g_z, a, layer.conv.weight.squeeze(-1), None, [layer.stride, 1], [layer.padding, 0], [1, 1],
+                    g_z, inp, layer.conv.weight.squeeze(-1), None, [layer.stride, 1], [layer.padding, 0], [1, 1],
                     False, [0, 0], 1, [True, True, False])
                 g_w = g_w.unsqueeze(-1)
+                a = inp                                                   # a_{i-1}: this conv's input
+                del inp
+                inp, z = conv_input_and_output(i - 1)
             del g_z, g
             grads = [g_w, g_gamma, g_beta] + grads
         g_x = g_a.reshape(N, B, H, W) if ctx.needs_input_grad[0] else None

@@ -125,3 +125,34 @@ def test_scene_inference_peak_memory_stays_flat_as_the_scene_grows():
     peak = {int(line.split()[0]): float(line.split()[1]) for line in proc.stdout.split("\n") if line.strip()}
     all_patches_mb = 160 * 160 * 32 * 7 * 7 * 4 / 2 ** 20
     assert peak[160] - peak[80] < 0.3 * all_patches_mb, peak
+
+
+RELEASE_CHILD = """
+import sys
+import numpy as np
+from utils.device import release_freed_memory
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2 ** 20
+if sys.argv[1] == "1":
+    assert release_freed_memory()
+big = np.ones(24 << 18, np.float32)
+del big                                                   # glibc's mmap threshold rises to 24 MB
+blocks = [np.ones(4 << 18, np.float32) for _ in range(50)]  # 50 x 4 MB
+before = rss()
+del blocks[::2]                                           # free every other block: holes in the heap
+print(round(before - rss()))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
+def test_release_freed_memory_returns_freed_blocks_to_the_system():
+    import platform
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    freed = {}
+    for flag in ("0", "1"):
+        out = subprocess.run([sys.executable, "-c", RELEASE_CHILD, flag], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parents[1], check=True)
+        freed[flag] = float(out.stdout.split()[-1])
+    assert freed["1"] >= 90          # the 25 freed 4 MB blocks leave RSS
+    assert freed["0"] < 50           # glibc's default keeps them resident (what low_memory avoids)

@@ -191,3 +191,19 @@ def test_pretrain_nsmm_writes_pseudolabel_map_and_purity(toy, capsys):
     assert 0 <= meta["pseudolabel_purity"] <= 1
     assert meta["pretrain_config"]["negatives"] == "pcl+nsmm"
     assert meta["log"][0]["fn_share_global"] is not None
+
+
+def test_pretrain_low_memory_setting_reaches_the_encoder_and_trains_the_same(toy, capsys, monkeypatch):
+    modes = []
+    original = PCLEncoder.set_low_memory
+    monkeypatch.setattr(PCLEncoder, "set_low_memory", lambda self, flag=True: (modes.append(flag),
+                                                                                 original(self, flag))[1])
+    for flag in ("false", "true"):
+        pretrain_main.main(toy + TINY + ["--epochs=1", "--max_steps=1", f"--low_memory={flag}",
+                                         f"--out_name=lowmem_{flag}"])
+    assert modes == [False, True]
+    plain, _ = load_encoder(Path("weights/custom/lowmem_false.safetensors"), build_encoder)
+    lean, _ = load_encoder(Path("weights/custom/lowmem_true.safetensors"), build_encoder)
+    for (name, a), b in zip(plain.state_dict().items(), lean.state_dict().values()):
+        # one Adam step from the same start: equal up to float rounding of the gradients
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
