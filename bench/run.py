@@ -164,6 +164,21 @@ def forward_flops(encoder, patch_size, n_bands, device):
     return int(counter.get_total_flops())
 
 
+def map_flops(encoder, patch_size, n_bands, device):
+    """FLOPs per pixel of the full-scene map's encoder work (fast form): the pixel map once per
+    pixel, then the rest of the forward pass on that pixel's patch (FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    was_training = encoder.training
+    encoder.eval()
+    x = torch.zeros(1, n_bands, patch_size, patch_size, device=device)
+    pixel = torch.zeros(1, encoder.pixel_channels, patch_size, patch_size, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        encoder.features(x, pixel)
+        encoder.pixel_map(torch.zeros(n_bands, 1, 1, device=device))
+    encoder.train(was_training)
+    return int(counter.get_total_flops())
+
+
 def bench_pretrain(config, cutter, spectra_t, pseudo_t, labels_t, device, n_bands, log):
     """Anchors/s of pretrain_main.train_step + backward + Adam, with the split into parts."""
     cfg = {k: getattr(pretrain_main, k) for k in pretrain_main.SETTINGS}
@@ -357,7 +372,9 @@ def main(argv, log=print):
         inf = bench_inference(config, scene, cube_std, encoder, device, log)
         result["inference"] = inf
         result["inference_pixels_per_s"] = inf["pixels_per_s"]
-        result["inference_flops_per_s"] = flops * inf["pixels_per_s"]
+        per_pixel = flops if config["reference"] else map_flops(encoder, config["patch_size"], b, device)
+        result["inference_flops_per_pixel"] = per_pixel
+        result["inference_flops_per_s"] = per_pixel * inf["pixels_per_s"]
     result.update(peak_memory(device))
     log(f"  peak RSS {result['peak_rss_mb']:.0f} MB"
         + (f", CUDA max allocated {result['cuda_max_allocated_mb']:.0f} MB" if device.type == "cuda" else ""))

@@ -34,16 +34,22 @@ Choices where the paper is silent (each is a config key or documented here):
 
 Speed (`set_fast`, default fast; the weights are the same in both forms, and the
 tests check the two agree in outputs, gradients and BatchNorm statistics):
-- spectral stem: a (k,1,1) Conv3d on (N, C, B, H, W) is a Conv2d with kernel
-  (k, 1) on (N, C, B, H*W), and BatchNorm3d is BatchNorm over that 4-D view.
-  The fast form runs that Conv2d (on CPU in channels-last memory, 2-3x faster
-  in oneDNN for so few channels), except in the one-channel first layer, where
-  F.conv3d measured fastest. Reference: F.conv3d and BatchNorm on 5-D tensors.
+- spectral stem: a (k,1,1) Conv3d on (N, C, B, H, W) is a Conv2d with kernel (k, 1) on
+  (N, C, B, H*W), and BatchNorm3d is BatchNorm over that 4-D view. On CPU the stem and
+  the stacks' merged 1x1 convs run as one autograd Function (_StemReduceCPU): channels-last
+  convs, BatchNorm as a few passes over the (N*B'*HW, C) rows, and only each layer's conv
+  output kept for backward (autograd's form keeps the ReLU output too: 376 MB per layer
+  for 512 paper-preset patches). On CUDA the Conv2d form runs through autograd.
+  Reference: F.conv3d and BatchNorm on 5-D tensors.
 - attention: F.scaled_dot_product_attention; reference: softmax(q k^T s) v.
-- the two stacks' first 1x1 convs read the same (N, C*B', P, P) input and run
-  as one conv with the concatenated weights.
-On a 2-core CPU the stem still dominates: it holds N x C x B' x P^2 values per
-layer (94 MB for 128 patches of the paper preset).
+- the two stacks' first 1x1 convs read the same (N, C*B', P, P) input and run as one.
+- local branch on CPU: channels-last input (oneDNN's NHWC convs).
+- `pixel_map`: in eval mode the band projection, stem and the stacks' 1x1 conv + BN + ReLU
+  act on each pixel alone, so a scene's map is computed once per pixel and cut into
+  patches (`features(x, pixel)`), not once per patch containing the pixel (P^2 times).
+`set_low_memory` (training, same numbers): the CPU stem keeps only its input and
+BatchNorm statistics and recomputes each layer in backward, and each transformer block
+reruns in backward (activation checkpointing; blocks have no BatchNorm).
 """
 import numbers
 
@@ -289,10 +295,9 @@ class _StemReduceCPU(torch.autograd.Function):
             return h, z
 
         top = len(layers) - 1
-        R, C, Bp = reduce_weight.shape[0], layers[-1].bn.num_features, None
         inp, z = conv_input_and_output(top)
         a = relu_bn(top, z)                                               # (N, C, B', HW)
-        Bp = a.shape[2]
+        R, C, Bp = reduce_weight.shape[0], a.shape[1], a.shape[2]
         g_rows = grad_out.permute(0, 2, 3, 1).reshape(N * H * W, R)      # (N*HW, R)
         rows = a.permute(0, 3, 2, 1).reshape(N * H * W, Bp * C)
         g_reduce = (g_rows.t() @ rows).view(R, Bp, C).transpose(1, 2).reshape(reduce_weight.shape)
