@@ -85,7 +85,7 @@ from data.pseudolabels import cached_superpixel_pseudolabels, pixel_pseudolabels
 from data.superpixels import cached_superpixels, cube_fingerprint, slic_params, superpixel_mean_spectra  # noqa: E402
 from models.encoder import PCLEncoder, PRESETS, count_parameters, describe  # noqa: E402
 from models.losses import false_negative_share, similarity_logits, weighted_nt_xent  # noqa: E402
-from models.negatives import MODES, negative_weights                  # noqa: E402
+from models.negatives import MODES, batch_pcl_weights, negative_weights  # noqa: E402
 from utils.checkpoint import git_commit, load_checkpoint, save_checkpoint, save_encoder  # noqa: E402
 from utils import distributed                                         # noqa: E402
 from utils.config import format_config, resolve_config                # noqa: E402
@@ -202,19 +202,19 @@ def train_step(model, cutter, batch_index, spectra_t, pseudo_t, labels_t, config
     if world > 1:
         mine = torch.arange(own.start, own.stop)
         anchors = torch.cat([mine, mine + n]).to(views.device)          # (2N/W,) rows in the (2N, 2N) loss
+    pcl = batch_pcl_weights(config["negatives"], spectra_t[batch_index], config["pcl_a"], config["pcl_b"])
+    pseudolabels, labels = pseudo_t[batch_index], labels_t[batch_index]  # (N,) each
     loss, diag = 0.0, {}
     for branch in ("global_z", "local_z"):
         z = out[branch].float()
         z1 = distributed.gather_rows(z[:per], world)                     # (N, D), the global batch
         z2 = distributed.gather_rows(z[per:], world)                     # (N, D)
-        weights = negative_weights(config["negatives"], spectra_t[batch_index], pseudo_t[batch_index],
-                                   z1, z2, config["temperature"], config["pcl_a"], config["pcl_b"],
+        with torch.no_grad():  # (2N, 2N), once: NSMM's mining and the false-negative diagnostic
+            logits = similarity_logits(z1.detach(), z2.detach(), config["temperature"])
+        weights = negative_weights(config["negatives"], pcl, pseudolabels, logits,
                                    config["n_hard"], config["n_easy"], mine_gen)
-        branch_loss = weighted_nt_xent(z1, z2, weights, config["temperature"], anchors)
-        loss = loss + branch_loss
-        with torch.no_grad():
-            logits = similarity_logits(z1, z2, config["temperature"])
-            diag[f"fn_share_{branch[:-2]}"] = false_negative_share(logits, weights, labels_t[batch_index])
+        loss = loss + weighted_nt_xent(z1, z2, weights, config["temperature"], anchors)
+        diag[f"fn_share_{branch[:-2]}"] = false_negative_share(logits, weights, labels)
     mark("loss")
     return loss, diag
 
@@ -290,8 +290,9 @@ def main(argv):
     torch.manual_seed(config["seed"])
     model = PCLEncoder(bands, config["patch_size"], config["preset"]).to(device)
     model.set_low_memory(config["low_memory"])
-    if config["low_memory"]:
-        release_freed_memory()
+    if config["low_memory"] and not release_freed_memory():
+        say("note: --low_memory could not set glibc malloc's mmap threshold (another C library); "
+            "activations are still recomputed, but freed memory may stay resident")
     say(describe(model))
     if world > 1 and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm over the global batch

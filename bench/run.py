@@ -152,31 +152,29 @@ class PartTimer:
         self.t = now
 
 
-def forward_flops(encoder, patch_size, n_bands, device):
-    """FLOPs of one patch through the encoder's forward (eval mode), by FlopCounterMode."""
+def counted_flops(encoder, run):
+    """FLOPs that run(encoder) performs in eval mode without gradients (FlopCounterMode)."""
     from torch.utils.flop_counter import FlopCounterMode
     was_training = encoder.training
     encoder.eval()
-    x = torch.zeros(1, n_bands, patch_size, patch_size, device=device)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        encoder(x)
+        run(encoder)
     encoder.train(was_training)
     return int(counter.get_total_flops())
+
+
+def forward_flops(encoder, patch_size, n_bands, device):
+    """FLOPs of one patch through the encoder's forward."""
+    return counted_flops(encoder, lambda e: e(torch.zeros(1, n_bands, patch_size, patch_size, device=device)))
 
 
 def map_flops(encoder, patch_size, n_bands, device):
     """FLOPs per pixel of the full-scene map's encoder work (fast form): the pixel map once per
-    pixel, then the rest of the forward pass on that pixel's patch (FlopCounterMode)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    was_training = encoder.training
-    encoder.eval()
+    pixel, then the rest of the forward pass on that pixel's patch."""
     x = torch.zeros(1, n_bands, patch_size, patch_size, device=device)
     pixel = torch.zeros(1, encoder.pixel_channels, patch_size, patch_size, device=device)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        encoder.features(x, pixel)
-        encoder.pixel_map(torch.zeros(n_bands, 1, 1, device=device))
-    encoder.train(was_training)
-    return int(counter.get_total_flops())
+    return counted_flops(encoder, lambda e: (e.features(x, pixel),
+                                             e.pixel_map(torch.zeros(n_bands, 1, 1, device=device))))
 
 
 def bench_pretrain(config, cutter, spectra_t, pseudo_t, labels_t, device, n_bands, log):

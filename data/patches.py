@@ -13,24 +13,26 @@ class PatchCutter:
     def __init__(self, cube, patch_size, device="cpu"):
         if patch_size % 2 != 1:
             raise ValueError("patch_size must be odd")
-        self.patch_size = patch_size
-        self.height, self.width, self.bands = cube.shape
+        height, width, _ = cube.shape
         half = patch_size // 2
-        mode = "reflect" if min(self.height, self.width) > half else "symmetric"
+        mode = "reflect" if min(height, width) > half else "symmetric"
         padded = np.pad(cube, ((half, half), (half, half), (0, 0)), mode=mode)
-        self.padded = torch.from_numpy(np.ascontiguousarray(padded.transpose(2, 0, 1))).to(device)  # (B, H+2h, W+2h)
-        self.offsets = torch.arange(patch_size, device=device)
+        padded = torch.from_numpy(np.ascontiguousarray(padded.transpose(2, 0, 1))).to(device)  # (B, H+2h, W+2h)
+        self._hold(padded, patch_size, height, width)
 
     @classmethod
     def from_padded(cls, padded, patch_size, height, width):
         """A cutter over an already padded (C, H + P - 1, W + P - 1) tensor (e.g. a pixel map
         of the padded cube), addressed by the same flat indices of the (H, W) scene."""
         cutter = cls.__new__(cls)
-        cutter.patch_size, cutter.height, cutter.width = patch_size, height, width
-        cutter.bands = padded.shape[0]
-        cutter.padded = padded
-        cutter.offsets = torch.arange(patch_size, device=padded.device)
+        cutter._hold(padded, patch_size, height, width)
         return cutter
+
+    def _hold(self, padded, patch_size, height, width):
+        self.patch_size, self.height, self.width = patch_size, height, width
+        self.bands = padded.shape[0]
+        self.padded = padded
+        self.offsets = torch.arange(patch_size, device=padded.device)
 
     def __call__(self, flat_index):
         """flat_index: (N,) long tensor of pixel indices. Returns (N, B, P, P)."""

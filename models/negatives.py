@@ -5,26 +5,27 @@ pcl       PCL superpixel weights (METHOD.md section 1)
 nsmm      pseudolabel elimination + hard/easy mixture (METHOD.md section 2)
 pcl+nsmm  the PCL weight times the NSMM mask
 """
-import torch
-
-from models.losses import nsmm_mask, pcl_weights, similarity_logits, tile_weights
+from models.losses import nsmm_mask, pcl_weights, tile_weights
 
 MODES = ("all", "pcl", "nsmm", "pcl+nsmm")
 
 
-def negative_weights(mode, spectra, pseudolabels, z1, z2, temperature, a=0.75, b=0.25,
-                     n_hard=64, n_easy=64, generator=None):
+def batch_pcl_weights(mode, spectra, a=0.75, b=0.25):
+    """The (2N, 2N) PCL weights of a batch when `mode` uses them, else None.
+
+    spectra: (N, B) superpixel mean spectra of the anchors. They depend on the batch only,
+    so one step computes them once for both branches.
+    """
+    return tile_weights(pcl_weights(spectra, a, b)) if "pcl" in mode else None
+
+
+def negative_weights(mode, pcl, pseudolabels, sim, n_hard=64, n_easy=64, generator=None):
     """The (2N, 2N) weight matrix for one branch's loss, or None for plain NT-Xent.
 
-    spectra: (N, B) superpixel mean spectra of the anchors; pseudolabels: (N,) int;
-    z1, z2: (N, D) this branch's embeddings (only read, detached, for hard-negative mining).
+    pcl: batch_pcl_weights(mode, ...); pseudolabels: (N,) int; sim: (2N, 2N) this branch's
+    detached similarity logits (similarity_logits), read for NSMM's hard-negative mining.
     """
-    if mode == "all":
-        return None
-    weights = tile_weights(pcl_weights(spectra, a, b)) if "pcl" in mode else None
-    if "nsmm" in mode:
-        with torch.no_grad():
-            sim = similarity_logits(z1.detach().float(), z2.detach().float(), temperature)
-        mask = nsmm_mask(pseudolabels, sim, n_hard, n_easy, generator)
-        weights = mask if weights is None else weights * mask
-    return weights
+    if "nsmm" not in mode:
+        return pcl
+    mask = nsmm_mask(pseudolabels, sim, n_hard, n_easy, generator)
+    return mask if pcl is None else pcl * mask

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.losses import (false_negative_share, nsmm_mask, pcl_weights, tile_weights,
+from models.losses import (false_negative_share, nsmm_mask, pcl_weights, similarity_logits, tile_weights,
                            weighted_nt_xent)
 
 
@@ -222,3 +222,23 @@ def test_anchor_subsets_average_to_the_full_loss_and_gradient():
     s = (zz @ zz.T / 0.3).numpy()
     expected = -s[4, 4 + n] + math.log(sum(math.exp(s[4, k]) for k in range(2 * n) if k != 4))
     assert one.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_negative_weights_modes():
+    from models.negatives import batch_pcl_weights, negative_weights
+    g = torch.Generator().manual_seed(0)
+    n = 6
+    spectra = torch.rand(n, 10, generator=g)
+    pseudo = torch.tensor([0, 0, 1, 1, 2, 2])
+    z1, z2 = torch.randn(n, 4, generator=g), torch.randn(n, 4, generator=g)
+    sim = similarity_logits(z1, z2, 0.5)
+    assert batch_pcl_weights("all", spectra) is None and batch_pcl_weights("nsmm", spectra) is None
+    pcl = batch_pcl_weights("pcl", spectra)
+    torch.testing.assert_close(pcl, pcl_weights(spectra).repeat(2, 2))
+    assert negative_weights("all", None, pseudo, sim) is None
+    assert negative_weights("pcl", pcl, pseudo, sim) is pcl
+    mask = negative_weights("nsmm", None, pseudo, sim, n_hard=2, n_easy=0)
+    torch.testing.assert_close(mask, nsmm_mask(pseudo, sim, 2, 0))
+    assert 0 < mask.sum() < mask.numel()
+    both = negative_weights("pcl+nsmm", batch_pcl_weights("pcl+nsmm", spectra), pseudo, sim, n_hard=2, n_easy=0)
+    torch.testing.assert_close(both, pcl * mask)
