@@ -2,6 +2,7 @@
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -271,8 +272,7 @@ def test_pixel_map_patches_equal_the_patch_forward(preset, fast):
         torch.testing.assert_close(enc.features(cutter(idx), pixels(idx)), enc.features(cutter(idx)),
                                    rtol=1e-4, atol=1e-5)
     flat = idx.numpy()
-    np_testing = pytest.importorskip("numpy").testing
-    np_testing.assert_allclose(extract_features(enc, cutter, flat, 2, pixels=pixels),
+    np.testing.assert_allclose(extract_features(enc, cutter, flat, 2, pixels=pixels),
                                extract_features(enc, cutter, flat, 2), rtol=1e-4, atol=1e-5)
 
 
