@@ -519,13 +519,15 @@ class GlobalBranch(nn.Module):
         h = torch.cat([stack.body(part) for stack, part in zip(self.stacks, parts)], dim=1)  # (N, S*dim, 5, 5)
         h = self.fuse(h) + self.pos_embed  # (N, dim, 5, 5)
         tokens = h.flatten(2).transpose(1, 2)  # (N, T=25, dim)
-        if self.stem.low_memory and torch.is_grad_enabled():
-            for block in self.blocks:  # keep each block's input only, rerun the block in backward
-                tokens = checkpoint(block, tokens, use_reentrant=False)
-            tokens = self.norm(tokens)  # (N, T, dim)
-        else:
-            tokens = self.norm(self.blocks(tokens))  # (N, T, dim)
-        return tokens.mean(dim=1)  # (N, dim)
+        return self.norm(self.forward_blocks(tokens)).mean(dim=1)  # (N, dim)
+
+    def forward_blocks(self, tokens):
+        """The transformer blocks: (N, T, dim) -> (N, T, dim); checkpointed in low-memory mode."""
+        if not (self.stem.low_memory and torch.is_grad_enabled()):
+            return self.blocks(tokens)
+        for block in self.blocks:  # keep each block's input only, rerun the block in backward
+            tokens = checkpoint(block, tokens, use_reentrant=False)
+        return tokens
 
 
 class BasicBlock(nn.Module):
