@@ -67,7 +67,7 @@ from models.encoder import PCLEncoder, PRESETS, count_parameters      # noqa: E4
 from models.negatives import MODES                                    # noqa: E402
 from utils.checkpoint import save_encoder                             # noqa: E402
 from utils.config import format_config, resolve_config                # noqa: E402
-from utils.device import pick_device, release_freed_memory            # noqa: E402
+from utils.device import keep_freed_memory, pick_device, release_freed_memory  # noqa: E402
 from utils.errors import UserError, run_main                          # noqa: E402
 from utils.fileio import write_json                                   # noqa: E402
 
@@ -187,6 +187,8 @@ def bench_pretrain(config, cutter, spectra_t, pseudo_t, labels_t, device, n_band
     model.set_low_memory(config["low_memory"])
     if config["low_memory"]:
         release_freed_memory()
+    elif device.type == "cpu" and not config["reference"]:
+        keep_freed_memory()  # as pretrain_main.py; the reference form runs with glibc's defaults
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     use_amp = device.type == "cuda" and cfg["amp"]
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext

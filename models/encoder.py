@@ -113,6 +113,20 @@ class SpectralBatchNorm(nn.BatchNorm3d):
             raise ValueError(f"expected a 4-D or 5-D input, got {input.dim()}-D")
 
 
+def spectral_conv3d(x, weight, stride, padding):
+    """F.conv3d with a (k,1,1) kernel over bands: (N, C_in, B, H, W) -> (N, C_out, B', H, W).
+
+    PyTorch 2.13's CPU Conv3d returns a wrong (run-to-run varying) weight gradient when the
+    band count is at most the kernel size (seen for k = 7, stride 2, B = 5..7; tested in
+    tests/test_encoder.py); there the same conv runs as a Conv2d with kernel (k, 1).
+    """
+    N, _, B, H, W = x.shape
+    if x.device.type == "cpu" and B <= weight.shape[2]:
+        z = F.conv2d(x.flatten(3), weight.squeeze(-1), stride=(stride, 1), padding=(padding, 0))
+        return z.unflatten(3, (H, W))
+    return F.conv3d(x, weight, stride=(stride, 1, 1), padding=(padding, 0, 0))
+
+
 class SpectralConvBN(nn.Module):
     """Conv3d with kernel (k, 1, 1) over bands, BatchNorm, ReLU.
 
@@ -137,8 +151,7 @@ class SpectralConvBN(nn.Module):
         if self.fast and x.dim() == 5:
             # first layer, x: (N, 1, B, H, W); with one input channel oneDNN's Conv3d
             # beats the Conv2d form (measured on CPU); continue in the 4-D layout
-            x = F.conv3d(x, self.conv.weight, stride=(self.stride, 1, 1),
-                         padding=(self.padding, 0, 0)).flatten(3)  # (N, C_out, B', H*W)
+            x = spectral_conv3d(x, self.conv.weight, self.stride, self.padding).flatten(3)  # (N, C_out, B', H*W)
         elif self.fast:
             # x: (N, C_in, B, H*W). On CPU, oneDNN's channels-last Conv2d is 2-3x faster
             # than NCHW here; BatchNorm stays NCHW (CPU channels-last BatchNorm is slower
@@ -152,8 +165,7 @@ class SpectralConvBN(nn.Module):
                 x = x.contiguous()
         else:
             # x: (N, C_in, B, H, W)
-            x = F.conv3d(x, self.conv.weight, stride=(self.stride, 1, 1),
-                         padding=(self.padding, 0, 0))  # (N, C_out, B', H, W)
+            x = spectral_conv3d(x, self.conv.weight, self.stride, self.padding)  # (N, C_out, B', H, W)
         # BN does not need its output for backward, so ReLU may overwrite it
         return F.relu(self.bn(x), inplace=self.fast)
 
@@ -182,30 +194,46 @@ class SpectralStem(nn.Module):
         return h.reshape(N, -1, H, W)  # (N, C*B', H, W)
 
 
-def _rows(t):
-    """(N, C, B, HW) channels-last tensor -> its (N*B*HW, C) matrix view."""
-    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+def _wide(rows):
+    """(M, C) contiguous rows -> a (M/k, k*C) view of the same memory, k*C near 128.
+
+    Per-channel passes (BatchNorm's sums, multiply-adds, ReLU) over (M, C) rows with C = 8
+    run an 8-wide inner loop, shorter than one AVX-512 register; the wide view gives the
+    vectorised kernels full rows (measured 1.5-2x faster). Per-channel vectors are tiled k
+    times to match (`_tile`), and sums over the wide rows fold back with `_fold`.
+    """
+    m, c = rows.shape
+    k = max(1, 128 // c)
+    while m % k:
+        k //= 2
+    return rows.view(m // k, k * c)
 
 
-def _unrows(rows, like):
-    """(N*B*HW, C) matrix -> (N, C, B, HW) channels-last view, shaped like `like`."""
-    N, C, B, HW = like.shape
-    return rows.view(N, B, HW, C).permute(0, 3, 1, 2)
+def _tile(v, wide):
+    """Per-channel (C,) vector -> (k*C,) to broadcast over the rows of `wide` (M/k, k*C)."""
+    return v.repeat(wide.shape[1] // v.shape[0])
 
 
-def _batch_stats(bn, z_rows):
+def _fold(v, c):
+    """(k*C,) sums over wide rows -> (C,) per-channel sums."""
+    return v.view(-1, c).sum(0)
+
+
+def _batch_stats(bn, z_rows, scratch=None):
     """BatchNorm statistics of z_rows (M, C): (mean, invstd) used to normalise, as nn.BatchNorm.
 
     Training: the batch's mean and biased variance (two-pass), and the running statistics
     updated as nn.BatchNorm updates them (momentum, unbiased variance, batch count).
-    Eval: the running statistics.
+    Eval: the running statistics. scratch: optional dead (M, C) buffer for the centred rows
+    (a fresh 376 MB buffer costs ~0.1 s of page faults on CPU, more than the pass itself).
     """
     if not bn.training and bn.running_mean is not None:
         return bn.running_mean.clone(), (bn.running_var + bn.eps).rsqrt()
-    m = z_rows.shape[0]
-    mean = z_rows.sum(0) / m                                     # (C,)
-    centred = z_rows - mean
-    var = centred.square_().sum(0) / m                           # (C,) biased
+    m, c = z_rows.shape
+    wide = _wide(z_rows)                                         # (M/k, k*C)
+    mean = _fold(wide.sum(0), c) / m                             # (C,)
+    centred = torch.sub(wide, _tile(mean, wide), out=None if scratch is None else _wide(scratch))
+    var = _fold(centred.square_().sum(0), c) / m                 # (C,) biased
     del centred
     if bn.training and bn.track_running_stats:
         momentum = bn.momentum if bn.momentum is not None else 0.0
@@ -219,52 +247,77 @@ def _batch_stats(bn, z_rows):
     return mean, (var + bn.eps).rsqrt()
 
 
-def _bn_relu_rows(bn, z_rows, mean, invstd):
-    """relu(BN(z)) for z_rows (M, C): one multiply-add and one clamp over the rows."""
+def _bn_relu_rows(bn, z_rows, mean, invstd, out=None):
+    """relu(BN(z)) for z_rows (M, C) -> (M, C), new or written to `out` (M, C): one multiply-add
+    and one clamp pass."""
     scale = bn.weight * invstd                                   # (C,)
     shift = bn.bias - mean * scale                               # (C,)
-    return torch.addcmul(shift, z_rows, scale).clamp_(min=0)     # (M, C)
+    wide = _wide(z_rows)
+    a = torch.addcmul(_tile(shift, wide), wide, _tile(scale, wide), out=None if out is None else _wide(out))
+    return a.clamp_(min=0).view(z_rows.shape)
 
 
-def _spectral_conv(h, layer, n, hw):
-    """One (k,1,1) spectral conv of SpectralConvBN `layer` -> (N, C_out, B', HW) channels-last.
+def _band_last(x):
+    """(N, B, H, W) patches -> (N, 1, H*W, B) channels-last: each pixel's spectrum contiguous."""
+    N, B, H, W = x.shape
+    return x.reshape(N, B, H * W).transpose(1, 2).unsqueeze(1).contiguous(memory_format=torch.channels_last)
 
-    h: (N, 1, B, H, W) for the first layer (Conv3d, fastest for one input channel) or
-    (N, C_in, B, HW) channels-last (the Conv2d (k,1) form).
+
+def _band_conv(h, layer):
+    """Layer `layer`'s (k,1,1) spectral conv in the band-last layout, by a (1, k) Conv2d.
+
+    h: (N, C_in, HW, B) channels-last -> (N, C_out, HW, B') channels-last, whose memory is
+    (N, HW, B', C_out): rows of one pixel's one band, and each pixel's B'*C values contiguous.
     """
-    if h.dim() == 5:
-        z = F.conv3d(h, layer.conv.weight, stride=(layer.stride, 1, 1), padding=(layer.padding, 0, 0))
-        return z.reshape(n, z.shape[1], z.shape[2], hw).contiguous(memory_format=torch.channels_last)
-    return F.conv2d(h, layer.conv.weight.squeeze(-1), stride=(layer.stride, 1), padding=(layer.padding, 0))
+    w = layer.conv.weight                                        # (C_out, C_in, k, 1, 1)
+    return F.conv2d(h, w.view(w.shape[0], w.shape[1], 1, w.shape[2]), stride=(1, layer.stride),
+                    padding=(0, layer.padding))
+
+
+def _rows(t):
+    """(N, C, HW, B) tensor -> its (N*HW*B, C) rows, contiguous: a view when t is channels-last
+    (always here, except that oneDNN may pick other strides for size-1 dims: then a copy)."""
+    rows = t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+    return rows if rows.is_contiguous() else rows.contiguous()
+
+
+def _unrows(rows, like):
+    """(N*HW*B, C) rows -> (N, C, HW, B) channels-last view, shaped like `like`."""
+    N, C, HW, B = like.shape
+    return rows.view(N, HW, B, C).permute(0, 3, 1, 2)
 
 
 class _StemReduceCPU(torch.autograd.Function):
     """Spectral stem then the stacks' merged 1x1 reduce conv, on CPU, keeping little for backward.
 
-    x: (N, B, H, W) -> (N, R, H, W), R = rows of reduce_weight
-    (R, C*B', 1, 1). Computes SpectralStem + F.conv2d(., reduce_weight): each layer is a
-    channels-last (k,1) conv, BatchNorm over the (N*B'*HW, C) rows of its output, ReLU.
-    Autograd's form keeps each layer's conv output *and* ReLU output for backward (376 MB
-    each for 512 paper-preset patches) and runs BatchNorm in slow channels-last kernels;
-    this keeps the conv outputs z only, rebuilds relu(z * scale + shift) in backward, and
-    writes BatchNorm's forward and backward as a few passes over the rows.
+    x: (N, B, H, W) -> (N, R, H, W), R = rows of reduce_weight (R, C*B', 1, 1). Computes
+    SpectralStem + F.conv2d(., reduce_weight) in a band-last layout: every activation is
+    (N, C, HW, B') channels-last, so each pixel's B'*C values are one contiguous row of the
+    reduce matmul, and each (k,1,1) conv is a (1, k) Conv2d (oneDNN, no layout copies).
+    BatchNorm runs as a few vectorised passes over the (N*HW*B', C) rows. Autograd's form
+    keeps each layer's conv output *and* ReLU output for backward (376 MB each for 512
+    paper-preset patches); this keeps the conv outputs z only and rebuilds
+    relu(z * scale + shift) in backward (low-memory mode: not even z).
     """
 
     @staticmethod
     def forward(ctx, x, reduce_weight, stem, *params):
         N, B, H, W = x.shape
-        h = x.reshape(N, 1, B, H, W)                             # one channel
+        h = _band_last(x)                                         # (N, 1, HW, B)
         zs, stats = [], []
         for layer in stem.layers:
-            z = _spectral_conv(h, layer, N, H * W)                # (N, C, B', HW) channels-last
-            mean, invstd = _batch_stats(layer.bn, _rows(z))       # z: (N, C, B', HW)
-            h = _unrows(_bn_relu_rows(layer.bn, _rows(z), mean, invstd), z)
+            z = _band_conv(h, layer)                              # (N, C, HW, B') channels-last
+            # the conv's input h is dead now: when it has z's size, reuse it for the centred
+            # rows and then for this layer's output (no fresh buffers)
+            spare = _rows(h) if h.numel() == z.numel() else None
+            mean, invstd = _batch_stats(layer.bn, _rows(z), spare)
+            h = _unrows(_bn_relu_rows(layer.bn, _rows(z), mean, invstd, spare), z)
             if not stem.low_memory:
                 zs.append(z)
             del z
             stats.append((mean, invstd))
-        C, Bp, R = h.shape[1], h.shape[2], reduce_weight.shape[0]
-        rows = h.permute(0, 3, 2, 1).reshape(N * H * W, Bp * C)  # (N*HW, B'*C), column b*C + c
+        C, Bp, R = h.shape[1], h.shape[3], reduce_weight.shape[0]
+        rows = _rows(h).view(N * H * W, Bp * C)                   # (N*HW, B'*C), column b*C + c
         del h
         w_bc = reduce_weight.reshape(R, C, Bp).transpose(1, 2).reshape(R, Bp * C)
         out = (rows @ w_bc.t()).view(N, H, W, R).permute(0, 3, 1, 2).contiguous()  # (N, R, H, W)
@@ -279,66 +332,64 @@ class _StemReduceCPU(torch.autograd.Function):
         x, reduce_weight, *zs = ctx.saved_tensors
         N, B, H, W = ctx.shape
         layers, stats = list(ctx.stem.layers), ctx.stats
-        x5 = x.reshape(N, 1, B, H, W)
+        x_t = _band_last(x)                                               # (N, 1, HW, B)
 
-        def relu_bn(i, z):  # layer i's output a_i from its conv output, (N, C, B', HW)
+        def relu_bn(i, z):  # layer i's output a_i from its conv output, (N, C, HW, B')
             return _unrows(_bn_relu_rows(layers[i].bn, _rows(z), *stats[i]), z)
 
         def conv_input_and_output(i):  # (input of layer i's conv, its output z_i)
             if not ctx.recompute:
-                return (x5 if i == 0 else relu_bn(i - 1, zs[i - 1])), zs[i]
-            h = x5  # low-memory mode: run the layers again up to i, with the forward's statistics
+                return (x_t if i == 0 else relu_bn(i - 1, zs[i - 1])), zs[i]
+            h = x_t  # low-memory mode: run the layers again up to i, with the forward's statistics
             for j in range(i + 1):
-                z = _spectral_conv(h, layers[j], N, H * W)
+                z = _band_conv(h, layers[j])
                 if j < i:
                     h = relu_bn(j, z)
             return h, z
 
         top = len(layers) - 1
         inp, z = conv_input_and_output(top)
-        a = relu_bn(top, z)                                               # (N, C, B', HW)
-        R, C, Bp = reduce_weight.shape[0], a.shape[1], a.shape[2]
+        a = relu_bn(top, z)                                               # (N, C, HW, B')
+        R, C, Bp = reduce_weight.shape[0], a.shape[1], a.shape[3]
         g_rows = grad_out.permute(0, 2, 3, 1).reshape(N * H * W, R)      # (N*HW, R)
-        rows = a.permute(0, 3, 2, 1).reshape(N * H * W, Bp * C)
-        g_reduce = (g_rows.t() @ rows).view(R, Bp, C).transpose(1, 2).reshape(reduce_weight.shape)
-        del rows
+        g_reduce = (g_rows.t() @ _rows(a).view(N * H * W, Bp * C)).view(R, Bp, C).transpose(1, 2)
+        g_reduce = g_reduce.reshape(reduce_weight.shape)
         w_bc = reduce_weight.reshape(R, C, Bp).transpose(1, 2).reshape(R, Bp * C)
-        g_a = (g_rows @ w_bc).view(N, H * W, Bp, C).permute(0, 3, 2, 1)    # (N, C, B', HW)
-        g_a = g_a.contiguous(memory_format=torch.channels_last)
+        g_a = _unrows((g_rows @ w_bc).view(-1, C), a)                    # (N, C, HW, B') channels-last
         grads = []
         for i in reversed(range(len(layers))):
             layer, bn = layers[i], layers[i].bn
             mean, invstd = stats[i]
-            g = _rows(g_a)                                                # (M, C), ours to overwrite
-            torch.ops.aten.threshold_backward.grad_input(g, _rows(a), 0, grad_input=g)  # ReLU backward
-            del a
-            z_rows, m = _rows(z), g.shape[0]
-            g_beta = g.sum(0)                                             # (C,)
-            g_gamma = ((g * z_rows).sum(0) - mean * g_beta) * invstd      # sum of g * x_hat
+            g = _wide(_rows(g_a))                                         # (M/k, k*C), ours to overwrite
+            a_wide = _wide(_rows(a))
+            torch.ops.aten.threshold_backward.grad_input(g, a_wide, 0, grad_input=g)  # ReLU backward
+            z_wide, m = _wide(_rows(z)), N * H * W * z.shape[3]
+            g_beta = _fold(g.sum(0), C)                                   # (C,)
+            g_z_sum = _fold(torch.mul(g, z_wide, out=a_wide).sum(0), C)  # a is dead: its buffer is scratch
+            del a, a_wide
+            g_gamma = (g_z_sum - mean * g_beta) * invstd                  # sum of g * x_hat
             k1 = bn.weight * invstd                                       # dz = k1 g + k2 z + k3, in place
-            g.mul_(k1)
+            g.mul_(_tile(k1, g))
             if ctx.batch_stats[i]:
                 k2 = -k1 * invstd * g_gamma / m
                 k3 = -k1 * (g_beta - mean * invstd * g_gamma) / m
-                g.addcmul_(z_rows, k2).add_(k3)
-            del z, z_rows
-            g_z = _unrows(g, g_a)
-            if i == 0:  # the one-channel first layer runs as Conv3d (the fastest form measured)
-                g_a, g_w, _ = torch.ops.aten.convolution_backward(
-                    g_z.unflatten(3, (H, W)), x5, layer.conv.weight, None,
-                    [layer.stride, 1, 1], [layer.padding, 0, 0], [1, 1, 1], False, [0, 0, 0], 1,
-                    [ctx.needs_input_grad[0], True, False])
-            else:
-                g_a, g_w, _ = torch.ops.aten.convolution_backward(
-                    g_z, inp, layer.conv.weight.squeeze(-1), None, [layer.stride, 1], [layer.padding, 0], [1, 1],
-                    False, [0, 0], 1, [True, True, False])
-                g_w = g_w.unsqueeze(-1)
+                g.addcmul_(z_wide, _tile(k2, g)).add_(_tile(k3, g))
+            g_z = _unrows(g.view(-1, C), z)
+            del z, z_wide, g
+            w = layer.conv.weight
+            need_input = i > 0 or ctx.needs_input_grad[0]
+            g_a, g_w, _ = torch.ops.aten.convolution_backward(
+                g_z, inp, w.view(w.shape[0], w.shape[1], 1, w.shape[2]), None, [1, layer.stride],
+                [0, layer.padding], [1, 1], False, [0, 0], 1, [need_input, True, False])
+            grads = [g_w.view(w.shape), g_gamma, g_beta] + grads
+            del g_z
+            if i > 0:
                 a = inp                                                   # a_{i-1}: this conv's input
                 del inp
                 inp, z = conv_input_and_output(i - 1)
-            del g_z, g
-            grads = [g_w, g_gamma, g_beta] + grads
-        g_x = g_a.reshape(N, B, H, W) if ctx.needs_input_grad[0] else None
+        g_x = None
+        if ctx.needs_input_grad[0]:                                       # (N, 1, HW, B) -> (N, B, H, W)
+            g_x = g_a.reshape(N, H * W, B).transpose(1, 2).reshape(N, B, H, W)
         return (g_x, g_reduce, None, *grads)
 
 

@@ -46,13 +46,22 @@ def test_bench_tiny_writes_json(tmp_path):
     assert result["config"]["batch_size"] == 16 and result["form"] == "fast"
 
 
-def test_bench_reference_form_and_size_overrides(tmp_path):
+def test_bench_reference_form_and_size_overrides(tmp_path, monkeypatch):
+    built = []
+
+    class SpyEncoder(PCLEncoder):  # records the form each encoder the bench builds runs in
+        def forward(self, *args, **kwargs):
+            built.append(self.global_branch.fast)
+            return super().forward(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "PCLEncoder", SpyEncoder)
     path = bench.main(["--dataset=SalinasA", "--height=12", "--width=9", "--bands=5", "--preset=small",
                        "--patch_size=5", "--batch_size=8", "--steps=1", "--warmup=0", "--parts=pretrain",
                        "--reference=true", "--threads=1", f"--out={tmp_path / 'r.json'}"], log=lambda *a: None)
     result = json.loads(path.read_text())
     assert result["scene_shape"] == [12, 9, 5] and result["form"] == "reference"
     assert result["pretrain_anchors_per_s"] > 0 and "inference" not in result
+    assert built and not any(built)  # every forward pass ran the reference form
 
 
 def test_every_pixel_is_predicted():
@@ -151,8 +160,46 @@ def test_release_freed_memory_returns_freed_blocks_to_the_system():
         pytest.skip("glibc only")
     freed = {}
     for flag in ("0", "1"):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # glibc's defaults
         out = subprocess.run([sys.executable, "-c", RELEASE_CHILD, flag], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parents[1], check=True)
+                             cwd=Path(__file__).resolve().parents[1], env=env, check=True, timeout=120)
         freed[flag] = float(out.stdout.split()[-1])
     assert freed["1"] >= 90          # the 25 freed 4 MB blocks leave RSS
     assert freed["0"] < 50           # glibc's default keeps them resident (what low_memory avoids)
+
+
+KEEP_CHILD = """
+import ctypes
+import resource
+import sys
+from utils.device import keep_freed_memory
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+if sys.argv[1] == "1":
+    assert keep_freed_memory()
+size = 64 << 20  # 64 MB: above glibc's largest mmap threshold (32 MB)
+block = libc.malloc(size)
+libc.memset(block, 1, size)
+libc.free(block)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+block = libc.malloc(size)  # the same size again, every page written
+libc.memset(block, 1, size)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc only")
+def test_keep_freed_memory_reuses_large_blocks_without_page_faults():
+    import platform
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    faults = {}
+    for flag in ("0", "1"):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # glibc's defaults
+        out = subprocess.run([sys.executable, "-c", KEEP_CHILD, flag], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parents[1], env=env, check=True, timeout=120)
+        faults[flag] = int(out.stdout.split()[-1])
+    assert faults["0"] > 8000   # a fresh 64 MB mapping: one fault per 4 KB page touched
+    assert faults["1"] < 1000   # the freed block is reused from the heap

@@ -40,7 +40,7 @@ def free_port():
 
 
 def one_step(rank, world):
-    """train_step on the fixed tiny problem; returns (global loss, diagnostics, {name: grad})."""
+    """train_step on the fixed tiny problem; returns (this rank's loss, global loss, diagnostics, {name: grad})."""
     rng = np.random.default_rng(0)
     h, w = 12, 10
     cutter = PatchCutter(rng.standard_normal((h, w, BANDS)).astype(np.float32), PATCH)
@@ -65,7 +65,7 @@ def one_step(rank, world):
                                           nullcontext, rank, world)
     loss.backward()
     global_loss = distributed.mean_over_ranks([loss.item()], world)[0]
-    return global_loss, diag, {k: p.grad.clone() for k, p in model.named_parameters()}
+    return loss.item(), global_loss, diag, {k: p.grad.clone() for k, p in model.named_parameters()}
 
 
 def worker(rank, world, port, out_dir):
@@ -93,10 +93,14 @@ def test_views_drawn_for_the_global_batch_and_sliced():
 def test_two_gloo_processes_equal_one_process(tmp_path):
     torch.set_num_threads(1)
     mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
-    loss0, diag0, grads0 = torch.load(tmp_path / "rank0.pt")
-    loss1, diag1, grads1 = torch.load(tmp_path / "rank1.pt")
-    loss, diag, grads = one_step(0, 1)
+    local0, loss0, diag0, grads0 = torch.load(tmp_path / "rank0.pt")
+    local1, loss1, diag1, grads1 = torch.load(tmp_path / "rank1.pt")
+    _, loss, diag, grads = one_step(0, 1)
     assert loss0 == loss1 == pytest.approx(loss, abs=1e-5)
+    # each rank's loss is the mean over its own anchors only (not the whole batch's loss
+    # computed twice): the two differ, and their mean is the one-process loss
+    assert abs(local0 - local1) > 1e-3
+    assert (local0 + local1) / 2 == pytest.approx(loss, abs=1e-5)
     for key in diag:
         assert diag0[key] == diag1[key] == pytest.approx(diag[key], abs=1e-5)
     assert set(grads0) == set(grads)

@@ -98,13 +98,16 @@ def test_linear_probe_leaves_encoder_bit_identical_and_finetune_changes_it(toy, 
     assert weights.read_bytes() == before
     assert len(result["runs"]) == 2 and result["summary"]["oa"]["std"] >= 0
 
-    # The evaluator's own check: the frozen encoder's state hash is unchanged after a probe.
+    # The frozen encoder's state (parameters and BatchNorm buffers) is the file's through the
+    # whole probe: pixel map, feature extraction, fit, and predicting unlabelled pixels.
     scene = load_scene("custom", "", False, *[a.split("=", 1)[1] for a in toy[1:4]])
+    digest = finetune.state_digest(load_encoder(weights, build_encoder)[0])
     config = {**{k: getattr(finetune, k) for k in finetune.SETTINGS}, "dataset": "custom"}
     evaluator = finetune.Evaluator(config, scene, standardise(scene.cube), torch.device("cpu"))
-    digest = finetune.state_digest(evaluator.encoder)
     train = np.flatnonzero(scene.gt.ravel() > 0)[::7]
-    evaluator.fit(train, scene.gt.ravel()[train], seed=0)
+    predict = evaluator.fit(train, scene.gt.ravel()[train], seed=0)
+    unlabelled = np.flatnonzero(scene.gt.ravel() == 0)[:5]
+    assert len(unlabelled) == 5 and predict(unlabelled).shape == (5,)
     assert finetune.state_digest(evaluator.encoder) == digest
 
     # The fine-tuning protocol trains the backbone.
@@ -199,11 +202,12 @@ def test_pretrain_low_memory_setting_reaches_the_encoder_and_trains_the_same(toy
     monkeypatch.setattr(PCLEncoder, "set_low_memory", lambda self, flag=True: (modes.append(flag),
                                                                                  original(self, flag))[1])
     for flag in ("false", "true"):
-        pretrain_main.main(toy + TINY + ["--epochs=1", "--max_steps=1", f"--low_memory={flag}",
+        pretrain_main.main(toy + TINY + ["--epochs=1", "--max_steps=3", f"--low_memory={flag}",
                                          f"--out_name=lowmem_{flag}"])
     assert modes == [False, True]
     plain, _ = load_encoder(Path("weights/custom/lowmem_false.safetensors"), build_encoder)
     lean, _ = load_encoder(Path("weights/custom/lowmem_true.safetensors"), build_encoder)
     for (name, a), b in zip(plain.state_dict().items(), lean.state_dict().values()):
-        # one Adam step from the same start: equal up to float rounding of the gradients
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+        # three Adam steps from the same start (Adam's first step is lr * sign(gradient); later
+        # ones see gradient sizes): recomputing in backward reruns the same kernels
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)

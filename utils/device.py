@@ -16,7 +16,31 @@ def pick_device(name):
         raise UserError(f"--device={name}: expected auto, cpu or cuda[:index]") from None
 
 
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc mallopt parameters
+
+
+def _mallopt(*settings):
+    """glibc mallopt(param, value) for each (param, value); True when every one is accepted."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return all(bool(libc.mallopt(param, int(value))) for param, value in settings)
+    except (OSError, AttributeError):
+        return False
+
+
+def keep_freed_memory():
+    """Ask glibc's malloc to serve large blocks from its heap and keep freed ones for reuse;
+    returns True when set (False off glibc, e.g. macOS or Windows).
+
+    By default glibc maps every block over 32 MB afresh and unmaps it when freed, so each
+    training step's 376 MB activations (paper preset, batch 256) are new pages that the
+    kernel zeroes on first touch: about 0.1 s per tensor, more than the pass that writes it.
+    Kept, they are reused from step to step; peak RSS grows by what the heap cannot reuse
+    (docs/BENCHMARKS.md gives both). `low_memory` uses release_freed_memory instead.
+    """
+    return _mallopt((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
 def release_freed_memory(threshold_bytes=1 << 20):
@@ -28,10 +52,4 @@ def release_freed_memory(threshold_bytes=1 << 20):
     training step, tens of MB-sized activations stay resident. With low_memory this
     keeps peak RSS near what is alive (docs/BENCHMARKS.md), at the cost of more page faults.
     """
-    import ctypes
-    import ctypes.util
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold_bytes)))
-    except (OSError, AttributeError):
-        return False
+    return _mallopt((M_MMAP_MAX, 65536), (M_MMAP_THRESHOLD, threshold_bytes))
