@@ -1,0 +1,72 @@
+"""Micro-benchmarks behind docs/BENCHMARKS.md's notes on the spectral stem (issue 5).
+
+    python -m bench.micro [--threads=2] [--keep_freed_memory=false]
+
+Prints, min and median over 5 timed repeats after one warm-up:
+- one 376 MB per-channel pass (the stem's BatchNorm multiply-add over 512 paper-preset
+  patches' (M, 8) rows): 8-wide rows, the 128-wide view, and into an existing buffer;
+- a fresh 376 MB tensor filled, against refilling one that exists (page-fault cost);
+- the global branch's per-pixel stage (spectral stem + the stacks' 1x1 reduce) on 512
+  patches, forward and backward, as the encoder runs it.
+"""
+import os
+import sys
+import time
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the scripts
+import torch  # noqa: E402
+
+from models.encoder import PCLEncoder  # noqa: E402
+from utils.config import resolve_config  # noqa: E402
+from utils.device import keep_freed_memory  # noqa: E402
+from utils.errors import run_main  # noqa: E402
+
+threads = 2
+keep_freed = False  # true: utils.device.keep_freed_memory() first, as the scripts on CPU
+
+
+def timed(fn, repeats=5):
+    """(min, median) seconds of fn() over `repeats` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), sorted(times)[len(times) // 2]
+
+
+def main(argv):
+    config = resolve_config({"threads": threads, "keep_freed_memory": keep_freed}, argv)
+    torch.set_num_threads(config["threads"])
+    if config["keep_freed_memory"]:
+        keep_freed_memory()
+    print(f"bench.micro  torch {torch.__version__}  threads {config['threads']}  "
+          f"keep_freed_memory {config['keep_freed_memory']}")
+    rows = torch.randn(512 * 102 * 225, 8)                       # (M, C): 376 MB
+    scale, shift = torch.rand(8), torch.rand(8)
+    wide = rows.view(-1, 128)                                    # (M/16, 128), the same memory
+    wide_scale, wide_shift, out = scale.repeat(16), shift.repeat(16), torch.empty_like(wide)
+    cases = {
+        "addcmul, (M, 8) rows, new output": lambda: torch.addcmul(shift, rows, scale),
+        "addcmul, (M/16, 128) view, new output": lambda: torch.addcmul(wide_shift, wide, wide_scale),
+        "addcmul, (M/16, 128) view, into a buffer": lambda: torch.addcmul(wide_shift, wide, wide_scale, out=out),
+        "fresh 376 MB tensor, filled": lambda: torch.empty_like(rows).fill_(1),
+        "existing 376 MB tensor, filled": lambda: out.fill_(1),
+    }
+    for name, fn in cases.items():
+        best, median = timed(fn)
+        print(f"  {name:45s} min {best * 1e3:6.0f} ms  median {median * 1e3:6.0f} ms")
+    del rows, wide, out
+    torch.manual_seed(0)
+    branch = PCLEncoder(204, 15, "paper").global_branch
+    x = torch.randn(512, 204, 15, 15)
+    state = {}
+    forward = timed(lambda: state.update(r=branch.pixel_stage(x)))
+    backward = timed(lambda: (branch.pixel_stage(x).sum().backward()))
+    print(f"  pixel stage forward (512 patches)             min {forward[0]:.2f} s  median {forward[1]:.2f} s")
+    print(f"  pixel stage forward + backward                min {backward[0]:.2f} s  median {backward[1]:.2f} s")
+
+
+if __name__ == "__main__":
+    run_main(main, sys.argv[1:])
