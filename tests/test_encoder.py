@@ -359,3 +359,31 @@ def test_spectral_conv_weight_gradient_when_bands_do_not_exceed_the_kernel(bands
             grads.append(enc.global_branch.stem.layers[0].conv.weight.grad.clone())
         assert all(torch.equal(g, grads[0]) for g in grads) and grads[0].abs().max() < 1e3
     assert stem.out_channels == 2 * ((bands - 1) // 2 + 1)
+
+
+@pytest.mark.parametrize("height, width", [(1, 1), (1, 2), (2, 1), (2, 2), (3, 3)])
+def test_small_map_conv_equals_conv2d(height, width):
+    """SmallMapConv2d's matmul form on maps of at most 2 x 2 (3 x 3: the plain conv) gives
+    Conv2d's outputs and gradients, for either input memory format."""
+    from models.encoder import SmallMapConv2d
+    torch.manual_seed(0)
+    conv = SmallMapConv2d(6, 5, 3, padding=1, bias=True)
+    for channels_last in (False, True):
+        x = torch.randn(4, 6, height, width)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        grad_out = torch.randn(4, 5, height, width)
+        outs = []
+        for fast in (True, False):
+            conv.fast = fast
+            conv.zero_grad()
+            x.grad = None
+            if fast and height <= 2 and width <= 2:  # the matmul form must not fall back to the conv
+                conv._conv_forward = lambda *a: pytest.fail("SmallMapConv2d used Conv2d on a small map")
+            out = conv(x)
+            conv.__dict__.pop("_conv_forward", None)
+            (out * grad_out).sum().backward()
+            outs.append((out.detach(), x.grad.clone(), conv.weight.grad.clone(), conv.bias.grad.clone()))
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
