@@ -603,9 +603,13 @@ class SmallMapConv2d(nn.Conv2d):
         N, C = x.shape[:2]
         ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
         ys, xs = ys.flatten(), xs.flatten()                              # (HW,) pixel coordinates
-        ky, kx = ys[None, :] - ys[:, None] + 1, xs[None, :] - xs[:, None] + 1  # (HW_out, HW_in) taps
-        dense = self.weight[:, :, ky, kx]                                # (C_out, C_in, HW_out, HW_in)
-        dense = dense.permute(2, 0, 3, 1).reshape(H * W * self.out_channels, H * W * C)
+        taps = (ys[None, :] - ys[:, None] + 1) * 3 + xs[None, :] - xs[:, None] + 1  # (HW_out, HW_in), 0..8
+        # each (pixel out, pixel in) block is one tap's (C_out, C_in) matrix, picked by a one-hot
+        # matmul: its gradient is a matmul too (indexing's scatter-add backward is far slower)
+        pick = F.one_hot(taps.flatten(), 9).to(self.weight.dtype)        # (HW_out*HW_in, 9)
+        per_tap = self.weight.permute(2, 3, 0, 1).reshape(9, self.out_channels * C)
+        blocks = (pick @ per_tap).view(H * W, H * W, self.out_channels, C)  # (HW_out, HW_in, C_out, C_in)
+        dense = blocks.permute(0, 2, 1, 3).reshape(H * W * self.out_channels, H * W * C)
         rows = x.permute(0, 2, 3, 1).reshape(N, H * W * C)               # (N, HW*C_in), pixel-major
         out = rows @ dense.t()                                           # (N, HW*C_out)
         if self.bias is not None:
