@@ -189,7 +189,8 @@ def bench_pretrain(config, cutter, spectra_t, pseudo_t, labels_t, device, n_band
         release_freed_memory()
     elif device.type == "cpu" and not config["reference"]:
         keep_freed_memory()  # as pretrain_main.py; the reference form runs with glibc's defaults
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+                                 fused=not config["reference"])  # as pretrain_main.py (reference: torch's default)
     use_amp = device.type == "cuda" and cfg["amp"]
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
     order_gen = torch.Generator().manual_seed(config["seed"])
