@@ -7,7 +7,10 @@ Prints, min and median over 5 timed repeats after one warm-up:
   patches' (M, 8) rows): 8-wide rows, the 128-wide view, and into an existing buffer;
 - a fresh 376 MB tensor filled, against refilling one that exists (page-fault cost);
 - the global branch's per-pixel stage (spectral stem + the stacks' 1x1 reduce) on 512
-  patches, forward and backward, as the encoder runs it.
+  patches, forward and backward, as the encoder runs it;
+- one 512-channel 3x3 conv of the ResNet's last stage on 512 2 x 2 maps, forward and
+  backward, as SmallMapConv2d's matmul and as Conv2d;
+- one Adam step over the paper encoder's parameters, torch's default and fused.
 """
 import os
 import sys
@@ -16,7 +19,7 @@ import time
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the scripts
 import torch  # noqa: E402
 
-from models.encoder import PCLEncoder  # noqa: E402
+from models.encoder import PCLEncoder, SmallMapConv2d  # noqa: E402
 from utils.config import resolve_config  # noqa: E402
 from utils.device import keep_freed_memory  # noqa: E402
 from utils.errors import run_main  # noqa: E402
@@ -66,6 +69,21 @@ def main(argv):
     backward = timed(lambda: (branch.pixel_stage(x).sum().backward()))
     print(f"  pixel stage forward (512 patches)             min {forward[0]:.2f} s  median {forward[1]:.2f} s")
     print(f"  pixel stage forward + backward                min {backward[0]:.2f} s  median {backward[1]:.2f} s")
+    del x
+    conv = SmallMapConv2d(512, 512, 3, padding=1, bias=False)
+    maps = torch.randn(512, 512, 2, 2).contiguous(memory_format=torch.channels_last).requires_grad_()
+    for fast in (True, False):
+        conv.fast = fast
+        best, median = timed(lambda: conv(maps).sum().backward())
+        form = "matmul" if fast else "Conv2d"
+        print(f"  3x3 conv 512->512 on 2x2 maps, {form:6s} fwd+bwd min {best * 1e3:6.0f} ms  median {median * 1e3:6.0f} ms")
+    encoder = PCLEncoder(204, 15, "paper")
+    for p in encoder.parameters():
+        p.grad = torch.randn_like(p)
+    for fused in (False, True):
+        adam = torch.optim.Adam(encoder.parameters(), lr=1e-3, weight_decay=1e-4, fused=fused)
+        best, median = timed(adam.step)
+        print(f"  Adam step, 13.5M parameters, fused={fused!s:5s}     min {best * 1e3:6.0f} ms  median {median * 1e3:6.0f} ms")
 
 
 if __name__ == "__main__":
