@@ -76,14 +76,16 @@ def main(argv):
         conv.fast = fast
         best, median = timed(lambda: conv(maps).sum().backward())
         form = "matmul" if fast else "Conv2d"
-        print(f"  3x3 conv 512->512 on 2x2 maps, {form:6s} fwd+bwd min {best * 1e3:6.0f} ms  median {median * 1e3:6.0f} ms")
+        print(f"  3x3 conv 512->512 on 2x2 maps, {form:6s} fwd+bwd "
+              f"min {best * 1e3:6.0f} ms  median {median * 1e3:6.0f} ms")
     encoder = PCLEncoder(204, 15, "paper")
     for p in encoder.parameters():
         p.grad = torch.randn_like(p)
     for fused in (False, True):
         adam = torch.optim.Adam(encoder.parameters(), lr=1e-3, weight_decay=1e-4, fused=fused)
         best, median = timed(adam.step)
-        print(f"  Adam step, 13.5M parameters, fused={fused!s:5s}     min {best * 1e3:6.0f} ms  median {median * 1e3:6.0f} ms")
+        print(f"  Adam step, 13.5M parameters, fused={fused!s:5s}     "
+              f"min {best * 1e3:6.0f} ms  median {median * 1e3:6.0f} ms")
 
 
 if __name__ == "__main__":

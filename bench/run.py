@@ -202,8 +202,9 @@ def bench_pretrain(config, cutter, spectra_t, pseudo_t, labels_t, device, n_band
         release_freed_memory()
     elif device.type == "cpu" and not config["reference"]:
         keep_freed_memory()  # as pretrain_main.py; the reference form runs with glibc's defaults
+    # fused as in pretrain_main.py; the reference form keeps torch's default Adam
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
-                                 fused=not config["reference"])  # as pretrain_main.py (reference: torch's default)
+                                 fused=not config["reference"] and device.type in ("cpu", "cuda"))
     use_amp = device.type == "cuda" and cfg["amp"]
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
     order_gen = torch.Generator().manual_seed(config["seed"])

@@ -36,14 +36,17 @@ Speed (`set_fast`, default fast; the weights are the same in both forms, and the
 tests check the two agree in outputs, gradients and BatchNorm statistics):
 - spectral stem: a (k,1,1) Conv3d on (N, C, B, H, W) is a Conv2d with kernel (k, 1) on
   (N, C, B, H*W), and BatchNorm3d is BatchNorm over that 4-D view. On CPU the stem and
-  the stacks' merged 1x1 convs run as one autograd Function (_StemReduceCPU): channels-last
-  convs, BatchNorm as a few passes over the (N*B'*HW, C) rows, and only each layer's conv
-  output kept for backward (autograd's form keeps the ReLU output too: 376 MB per layer
-  for 512 paper-preset patches). On CUDA the Conv2d form runs through autograd.
-  Reference: F.conv3d and BatchNorm on 5-D tensors.
+  the stacks' merged 1x1 convs run as one autograd Function (_StemReduceCPU) in a band-last
+  layout ((N, C, HW, B') channels-last, each conv a (1, k) Conv2d, the reduce a plain
+  matmul), BatchNorm as a few vectorised passes over the (N*HW*B', C) rows, and only each
+  layer's conv output kept for backward (autograd's form keeps the ReLU output too: 376 MB
+  per layer for 512 paper-preset patches). On CUDA the Conv2d form runs through autograd.
+  Reference: F.conv3d (spectral_conv3d) and BatchNorm on 5-D tensors.
 - attention: F.scaled_dot_product_attention; reference: softmax(q k^T s) v.
 - the two stacks' first 1x1 convs read the same (N, C*B', P, P) input and run as one.
-- local branch on CPU: channels-last input (oneDNN's NHWC convs).
+- local branch on CPU: channels-last input (oneDNN's NHWC convs); its 3x3 convs on maps of
+  at most 2 x 2 pixels (the paper preset's last stage) run as one dense matmul
+  (SmallMapConv2d).
 - `pixel_map`: in eval mode the band projection, stem and the stacks' 1x1 conv + BN + ReLU
   act on each pixel alone, so a scene's map is computed once per pixel and cut into
   patches (`features(x, pixel)`), not once per patch containing the pixel (P^2 times).
@@ -598,7 +601,8 @@ class SmallMapConv2d(nn.Conv2d):
     def forward(self, x):
         H, W = x.shape[-2:]
         if not (self.fast and x.device.type == "cpu" and H <= 2 and W <= 2 and self.stride == (1, 1)
-                and self.kernel_size == (3, 3) and self.padding == (1, 1) and self.groups == 1):
+                and self.kernel_size == (3, 3) and self.padding == (1, 1) and self.groups == 1
+                and self.dilation == (1, 1) and self.padding_mode == "zeros"):
             return super().forward(x)
         N, C = x.shape[:2]
         ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")

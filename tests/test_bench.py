@@ -154,17 +154,21 @@ print(round(before - rss()))
 """
 
 
-@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
-def test_release_freed_memory_returns_freed_blocks_to_the_system():
+def last_number_printed(child, flag):
+    """Run the script `child` with argument flag under glibc's default malloc settings (no
+    MALLOC_* variables); the last number it prints. Skips off glibc."""
     import platform
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc only")
-    freed = {}
-    for flag in ("0", "1"):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # glibc's defaults
-        out = subprocess.run([sys.executable, "-c", RELEASE_CHILD, flag], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parents[1], env=env, check=True, timeout=120)
-        freed[flag] = float(out.stdout.split()[-1])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", child, flag], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], env=env, check=True, timeout=120)
+    return float(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
+def test_release_freed_memory_returns_freed_blocks_to_the_system():
+    freed = {flag: last_number_printed(RELEASE_CHILD, flag) for flag in ("0", "1")}
     assert freed["1"] >= 90          # the 25 freed 4 MB blocks leave RSS
     assert freed["0"] < 50           # glibc's default keeps them resident (what low_memory avoids)
 
@@ -193,15 +197,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc only")
 def test_keep_freed_memory_reuses_large_blocks_without_page_faults():
-    import platform
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("glibc only")
-    faults = {}
-    for flag in ("0", "1"):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # glibc's defaults
-        out = subprocess.run([sys.executable, "-c", KEEP_CHILD, flag], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parents[1], env=env, check=True, timeout=120)
-        faults[flag] = int(out.stdout.split()[-1])
+    faults = {flag: last_number_printed(KEEP_CHILD, flag) for flag in ("0", "1")}
     assert faults["0"] > 8000   # a fresh 64 MB mapping: one fault per 4 KB page touched
     assert faults["1"] < 1000   # the freed block is reused from the heap
 
