@@ -89,7 +89,7 @@ from models.negatives import MODES, batch_pcl_weights, negative_weights  # noqa:
 from utils.checkpoint import git_commit, load_checkpoint, save_checkpoint, save_encoder  # noqa: E402
 from utils import distributed                                         # noqa: E402
 from utils.config import format_config, resolve_config                # noqa: E402
-from utils.device import keep_freed_memory, pick_device, release_freed_memory  # noqa: E402
+from utils.device import fused_adam, pick_device, set_allocator_policy  # noqa: E402
 from utils.errors import UserError, run_main                          # noqa: E402
 from utils.fileio import atomic_path, write_json, write_text          # noqa: E402
 
@@ -290,11 +290,9 @@ def main(argv):
     torch.manual_seed(config["seed"])
     model = PCLEncoder(bands, config["patch_size"], config["preset"]).to(device)
     model.set_low_memory(config["low_memory"])
-    if not config["low_memory"] and device.type == "cpu":
-        keep_freed_memory()  # reuse freed activations instead of fresh pages each step (speed)
-    if config["low_memory"] and not release_freed_memory():
-        say("note: --low_memory could not set glibc malloc's mmap threshold (another C library); "
-            "activations are still recomputed, but freed memory may stay resident")
+    note = set_allocator_policy(device, config["low_memory"])  # keep freed activations, or release them
+    if note:
+        say(note)
     say(describe(model))
     if world > 1 and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm over the global batch
@@ -303,7 +301,7 @@ def main(argv):
             f"needs CUDA), so steps differ slightly from one process on the same global batch")
     # fused: one kernel over all parameters (paper preset on CPU: 13 ms a step, 53 ms unfused)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"],
-                                 fused=device.type in ("cpu", "cuda"))
+                                 fused=fused_adam(device))
     use_amp = device.type == "cuda" and config["amp"]
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
 

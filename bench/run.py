@@ -67,7 +67,7 @@ from models.encoder import PCLEncoder, PRESETS, SmallMapConv2d, count_parameters
 from models.negatives import MODES                                    # noqa: E402
 from utils.checkpoint import save_encoder                             # noqa: E402
 from utils.config import format_config, resolve_config                # noqa: E402
-from utils.device import keep_freed_memory, pick_device, release_freed_memory  # noqa: E402
+from utils.device import fused_adam, pick_device, set_allocator_policy  # noqa: E402
 from utils.errors import UserError, run_main                          # noqa: E402
 from utils.fileio import write_json                                   # noqa: E402
 
@@ -198,13 +198,10 @@ def bench_pretrain(config, cutter, spectra_t, pseudo_t, labels_t, device, n_band
     torch.manual_seed(config["seed"])
     model = PCLEncoder(n_bands, config["patch_size"], config["preset"], fast=not config["reference"]).to(device)
     model.set_low_memory(config["low_memory"])
-    if config["low_memory"]:
-        release_freed_memory()
-    elif device.type == "cpu" and not config["reference"]:
-        keep_freed_memory()  # as pretrain_main.py; the reference form runs with glibc's defaults
-    # fused as in pretrain_main.py; the reference form keeps torch's default Adam
+    if not config["reference"]:  # as pretrain_main.py; the reference form keeps glibc's and torch's defaults
+        set_allocator_policy(device, config["low_memory"])
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
-                                 fused=not config["reference"] and device.type in ("cpu", "cuda"))
+                                 fused=not config["reference"] and fused_adam(device))
     use_amp = device.type == "cuda" and cfg["amp"]
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
     order_gen = torch.Generator().manual_seed(config["seed"])

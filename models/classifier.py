@@ -7,6 +7,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from data.patches import PatchCutter
+from utils.device import fused_adam
 
 
 @torch.no_grad()
@@ -85,7 +86,7 @@ def train_classifier(model, cutter, train_index, train_labels, epochs=100, batch
     optimizer = torch.optim.Adam([
         {"params": model.encoder.parameters(), "lr": lr * backbone_lr_scale},
         {"params": list(model.head_global.parameters()) + list(model.head_local.parameters()), "lr": lr},
-    ], weight_decay=weight_decay, fused=device.type in ("cpu", "cuda"))  # one kernel for all parameters
+    ], weight_decay=weight_decay, fused=fused_adam(device))  # one kernel for all parameters
     index = torch.as_tensor(np.asarray(train_index), device=device)
     gen = torch.Generator().manual_seed(seed)
     model.train()

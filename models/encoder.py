@@ -54,6 +54,7 @@ tests check the two agree in outputs, gradients and BatchNorm statistics):
 BatchNorm statistics and recomputes each layer in backward, and each transformer block
 reruns in backward (activation checkpointing; blocks have no BatchNorm).
 """
+import functools
 import numbers
 
 import torch
@@ -202,8 +203,8 @@ def _wide(rows):
 
     Per-channel passes (BatchNorm's sums, multiply-adds, ReLU) over (M, C) rows with C = 8
     run an 8-wide inner loop, shorter than one AVX-512 register; the wide view gives the
-    vectorised kernels full rows (measured 1.5-2x faster). Per-channel vectors are tiled k
-    times to match (`_tile`), and sums over the wide rows fold back with `_fold`.
+    vectorised kernels full rows (`python -m bench.micro` times both). Per-channel vectors
+    are tiled k times to match (`_tile`), and sums over the wide rows fold back with `_fold`.
     """
     m, c = rows.shape
     k = max(1, 128 // c)
@@ -228,7 +229,7 @@ def _batch_stats(bn, z_rows, scratch=None):
     Training: the batch's mean and biased variance (two-pass), and the running statistics
     updated as nn.BatchNorm updates them (momentum, unbiased variance, batch count).
     Eval: the running statistics. scratch: optional dead (M, C) buffer for the centred rows
-    (a fresh 376 MB buffer costs ~0.1 s of page faults on CPU, more than the pass itself).
+    (a fresh buffer costs page faults: `python -m bench.micro` compares the two).
     """
     if not bn.training and bn.running_mean is not None:
         return bn.running_mean.clone(), (bn.running_var + bn.eps).rsqrt()
@@ -306,13 +307,13 @@ class _StemReduceCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, reduce_weight, stem, *params):
         N, B, H, W = x.shape
-        h = _band_last(x)                                         # (N, 1, HW, B)
+        h = x_t = _band_last(x)                                   # (N, 1, HW, B)
         zs, stats = [], []
         for layer in stem.layers:
             z = _band_conv(h, layer)                              # (N, C, HW, B') channels-last
-            # the conv's input h is dead now: when it has z's size, reuse it for the centred
-            # rows and then for this layer's output (no fresh buffers)
-            spare = _rows(h) if h.numel() == z.numel() else None
+            # the conv's input h is dead now (unless it is x_t, kept for backward): when it has
+            # z's size, reuse it for the centred rows and then for this layer's output
+            spare = _rows(h) if h is not x_t and h.numel() == z.numel() else None
             mean, invstd = _batch_stats(layer.bn, _rows(z), spare)
             h = _unrows(_bn_relu_rows(layer.bn, _rows(z), mean, invstd, spare), z)
             if not stem.low_memory:
@@ -327,15 +328,14 @@ class _StemReduceCPU(torch.autograd.Function):
         ctx.stem, ctx.stats, ctx.shape = stem, stats, (N, B, H, W)
         ctx.batch_stats = [layer.bn.training or layer.bn.running_mean is None for layer in stem.layers]
         ctx.recompute = stem.low_memory
-        ctx.save_for_backward(x, reduce_weight, *zs)
+        ctx.save_for_backward(x_t, reduce_weight, *zs)  # x_t: what backward needs of x, as x's size
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, reduce_weight, *zs = ctx.saved_tensors
+        x_t, reduce_weight, *zs = ctx.saved_tensors                      # x_t: (N, 1, HW, B)
         N, B, H, W = ctx.shape
         layers, stats = list(ctx.stem.layers), ctx.stats
-        x_t = _band_last(x)                                               # (N, 1, HW, B)
 
         def relu_bn(i, z):  # layer i's output a_i from its conv output, (N, C, HW, B')
             return _unrows(_bn_relu_rows(layers[i].bn, _rows(z), *stats[i]), z)
@@ -584,6 +584,16 @@ class GlobalBranch(nn.Module):
         return tokens
 
 
+@functools.lru_cache(maxsize=None)
+def _tap_picker(H, W):
+    """One-hot (HW*HW, 9): for each (output pixel, input pixel) pair of an H x W map (H, W <= 2),
+    the 3x3 tap that links them, row-major over the kernel. Built once per map size."""
+    ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()                                  # (HW,) pixel coordinates
+    taps = (ys[None, :] - ys[:, None] + 1) * 3 + xs[None, :] - xs[:, None] + 1  # (HW_out, HW_in), 0..8
+    return F.one_hot(taps.flatten(), 9).float()
+
+
 class SmallMapConv2d(nn.Conv2d):
     """3x3 stride-1 "same" Conv2d that, on maps of at most 2 x 2 pixels, runs as one matmul.
 
@@ -605,12 +615,9 @@ class SmallMapConv2d(nn.Conv2d):
                 and self.dilation == (1, 1) and self.padding_mode == "zeros"):
             return super().forward(x)
         N, C = x.shape[:2]
-        ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
-        ys, xs = ys.flatten(), xs.flatten()                              # (HW,) pixel coordinates
-        taps = (ys[None, :] - ys[:, None] + 1) * 3 + xs[None, :] - xs[:, None] + 1  # (HW_out, HW_in), 0..8
         # each (pixel out, pixel in) block is one tap's (C_out, C_in) matrix, picked by a one-hot
         # matmul: its gradient is a matmul too (indexing's scatter-add backward is far slower)
-        pick = F.one_hot(taps.flatten(), 9).to(self.weight.dtype)        # (HW_out*HW_in, 9)
+        pick = _tap_picker(H, W).to(self.weight.dtype)                   # (HW_out*HW_in, 9)
         per_tap = self.weight.permute(2, 3, 0, 1).reshape(9, self.out_channels * C)
         blocks = (pick @ per_tap).view(H * W, H * W, self.out_channels, C)  # (HW_out, HW_in, C_out, C_in)
         dense = blocks.permute(0, 2, 1, 3).reshape(H * W * self.out_channels, H * W * C)

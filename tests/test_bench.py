@@ -211,3 +211,16 @@ def test_flop_count_is_the_models_not_the_fast_forms_overhead():
     reference = bench.forward_flops(copy.deepcopy(enc).set_fast(False), 15, 30, cpu)
     assert abs(fast - reference) / reference < 0.01
     assert all(m.fast for m in enc.modules() if isinstance(m, SmallMapConv2d))  # form restored
+
+
+@pytest.mark.parametrize("glibc", [True, False])
+def test_allocator_policy_keeps_on_cpu_releases_with_low_memory_and_says_when_it_cannot(glibc, monkeypatch):
+    from utils import device as dev
+    calls = []
+    monkeypatch.setattr(dev, "keep_freed_memory", lambda: calls.append("keep") or True)
+    monkeypatch.setattr(dev, "release_freed_memory", lambda: calls.append("release") or glibc)
+    notes = [dev.set_allocator_policy(torch.device(name), low) for name, low in
+             (("cpu", False), ("cpu", True), ("cuda", False))]
+    assert calls == ["keep", "release"]                  # nothing on CUDA
+    assert notes[0] is None and notes[2] is None
+    assert (notes[1] is None) == glibc and (glibc or "--low_memory" in notes[1])

@@ -387,3 +387,19 @@ def test_small_map_conv_equals_conv2d(height, width):
             outs.append((out.detach(), x.grad.clone(), conv.weight.grad.clone(), conv.bias.grad.clone()))
         for a, b in zip(*outs):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_stem_when_its_input_and_a_layer_output_have_the_same_size():
+    """8 bands, 2 stem channels, stride 2: the first conv's output (2 x 4 bands) is as big as
+    its input (8 bands), the one buffer the fast stem must not reuse as scratch (backward
+    reads it for the first layer's weight gradient)."""
+    torch.manual_seed(0)
+    fast = PCLEncoder(8, 5, "small", band_proj=0, stem_channels=2)
+    ref = copy.deepcopy(fast).set_fast(False)
+    x = torch.randn(6, 8, 5, 5)
+    w = torch.randn(6, fast.config["dim"])
+    for enc in (fast, ref):
+        out = enc(x)
+        ((out["global_z"] * w).sum() + out["local_z"][:, 0].sum()).backward()
+    assert fast.global_branch.stem.layers[0].conv.weight.grad.abs().max() > 1e-3
+    assert_grads_close(fast, ref)

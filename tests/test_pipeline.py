@@ -197,14 +197,16 @@ def test_pretrain_nsmm_writes_pseudolabel_map_and_purity(toy, capsys):
 
 
 def test_pretrain_low_memory_setting_reaches_the_encoder_and_trains_the_same(toy, capsys, monkeypatch):
-    modes = []
+    modes, policies = [], []
     original = PCLEncoder.set_low_memory
     monkeypatch.setattr(PCLEncoder, "set_low_memory", lambda self, flag=True: (modes.append(flag),
                                                                                  original(self, flag))[1])
+    monkeypatch.setattr(pretrain_main, "set_allocator_policy",  # keep freed memory, or release it
+                        lambda device, low_memory: policies.append((device.type, low_memory)))
     for flag in ("false", "true"):
         pretrain_main.main(toy + TINY + ["--epochs=1", "--max_steps=3", f"--low_memory={flag}",
                                          f"--out_name=lowmem_{flag}"])
-    assert modes == [False, True]
+    assert modes == [False, True] and policies == [("cpu", False), ("cpu", True)]
     plain, _ = load_encoder(Path("weights/custom/lowmem_false.safetensors"), build_encoder)
     lean, _ = load_encoder(Path("weights/custom/lowmem_true.safetensors"), build_encoder)
     for (name, a), b in zip(plain.state_dict().items(), lean.state_dict().values()):

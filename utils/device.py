@@ -36,11 +36,31 @@ def keep_freed_memory():
 
     By default glibc maps every block over 32 MB afresh and unmaps it when freed, so each
     training step's 376 MB activations (paper preset, batch 256) are new pages that the
-    kernel zeroes on first touch: about 0.1 s per tensor, more than the pass that writes it.
+    kernel zeroes on first touch (`python -m bench.micro`: filling a fresh 376 MB tensor 44 ms,
+    an existing one 25 ms, with transparent huge pages on).
     Kept, they are reused from step to step; peak RSS grows by what the heap cannot reuse
     (docs/BENCHMARKS.md gives both). `low_memory` uses release_freed_memory instead.
     """
     return _mallopt((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2 ** 31 - 1))
+
+
+def set_allocator_policy(device, low_memory):
+    """The CPU allocator setting the scripts run with: with low_memory, freed memory goes back
+    to the system (release_freed_memory); otherwise freed activations are kept for reuse
+    (keep_freed_memory, faster). Nothing on other devices. Returns a one-line note when
+    low_memory could not be honoured (not glibc), else None."""
+    if low_memory:
+        if not release_freed_memory():
+            return ("note: --low_memory could not set glibc malloc's mmap threshold (another C library); "
+                    "activations are still recomputed, but freed memory may stay resident")
+    elif device.type == "cpu":
+        keep_freed_memory()
+    return None
+
+
+def fused_adam(device):
+    """Whether torch's fused Adam (one kernel over all parameters) runs on `device`."""
+    return device.type in ("cpu", "cuda")
 
 
 def release_freed_memory(threshold_bytes=1 << 20):
