@@ -73,11 +73,13 @@ class TwoHeadClassifier(nn.Module):
 
 
 def train_classifier(model, cutter, train_index, train_labels, epochs=100, batch_size=64, lr=1e-3,
-                     backbone_lr_scale=0.01, weight_decay=0.0, seed=0, augment=None):
+                     backbone_lr_scale=0.01, weight_decay=0.0, seed=0, augment=None, on_step=None):
     """Fine-tune encoder and heads with class-weighted cross-entropy on both branches.
 
     train_index: (M,) flat pixel indices; train_labels: (M,) in 1..K. Heads at `lr`, the encoder
     at lr * backbone_lr_scale (1.0 trains it from scratch: the supervised baseline).
+    on_step: optional callable, called with no arguments after each optimiser step (the
+    benchmark times steps with it).
     """
     device = cutter.padded.device
     labels = torch.as_tensor(np.asarray(train_labels) - 1, device=device)
@@ -105,6 +107,8 @@ def train_classifier(model, cutter, train_index, train_labels, epochs=100, batch
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if on_step is not None:
+                on_step()
     model.eval()
     return model
 

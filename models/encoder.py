@@ -42,7 +42,8 @@ tests check the two agree in outputs, gradients and BatchNorm statistics):
   layer's conv output kept for backward (autograd's form keeps the ReLU output too: 376 MB
   per layer for 512 paper-preset patches). On CUDA the Conv2d form runs through autograd.
   Reference: F.conv3d (spectral_conv3d) and BatchNorm on 5-D tensors.
-- attention: F.scaled_dot_product_attention; reference: softmax(q k^T s) v.
+- attention: F.scaled_dot_product_attention; reference: softmax(q k^T s) v. The conv-qkv output
+  is made contiguous along the tokens first (the channel attention normalises along them).
 - the two stacks' first 1x1 convs read the same (N, C*B', P, P) input and run as one.
 - local branch on CPU: channels-last input (oneDNN's NHWC convs); its 3x3 convs on maps of
   at most 2 x 2 pixels (the paper preset's last stage) run as one dense matmul
@@ -324,7 +325,7 @@ class _StemReduceCPU(torch.autograd.Function):
         rows = _rows(h).view(N * H * W, Bp * C)                   # (N*HW, B'*C), column b*C + c
         del h
         w_bc = reduce_weight.reshape(R, C, Bp).transpose(1, 2).reshape(R, Bp * C)
-        out = (rows @ w_bc.t()).view(N, H, W, R).permute(0, 3, 1, 2).contiguous()  # (N, R, H, W)
+        out = (rows @ w_bc.t()).view(N, H, W, R).permute(0, 3, 1, 2)  # (N, R, H, W) channels-last
         ctx.stem, ctx.stats, ctx.shape = stem, stats, (N, B, H, W)
         ctx.batch_stats = [layer.bn.training or layer.bn.running_mean is None for layer in stem.layers]
         ctx.recompute = stem.low_memory
@@ -442,11 +443,15 @@ class ConvQKV(nn.Module):
         self.grid = grid
         self.pointwise = nn.Linear(dim, 3 * dim, bias=False)
         self.depthwise = nn.Conv2d(3 * dim, 3 * dim, 3, padding=1, groups=3 * dim, bias=False)
+        self.fast = True
 
     def forward(self, x):
         qkv = self.pointwise(x)  # (N, T, 3C)
         qkv = qkv.transpose(1, 2).unflatten(2, (self.grid, self.grid))  # (N, 3C, g, g), channels-last memory
-        return self.depthwise(qkv).flatten(2)  # (N, 3C, T)
+        qkv = self.depthwise(qkv).flatten(2)  # (N, 3C, T), T the strided axis
+        # fast: T contiguous, so the channel attention's norms over T and both attentions'
+        # head splits read contiguous memory (one copy instead of strided passes)
+        return qkv.contiguous() if self.fast else qkv
 
 
 class SpatialAttention(nn.Module):
@@ -569,11 +574,14 @@ class GlobalBranch(nn.Module):
     def forward(self, x, pixel=None):
         """x: (N, B, P, P) -> (N, dim); pixel: its pixel_stage if already computed (then x is unused)."""
         pixel = self.pixel_stage(x) if pixel is None else pixel  # (N, S*dim/4, P, P)
+        return self.norm(self.forward_blocks(self.tokens(pixel))).mean(dim=1)  # (N, dim)
+
+    def tokens(self, pixel):
+        """The stacks' bodies, fuse and position embedding: (N, S*dim/4, P, P) -> (N, T=25, dim)."""
         parts = pixel.split(pixel.shape[1] // len(self.stacks), dim=1)
         h = torch.cat([stack.body(part) for stack, part in zip(self.stacks, parts)], dim=1)  # (N, S*dim, 5, 5)
         h = self.fuse(h) + self.pos_embed  # (N, dim, 5, 5)
-        tokens = h.flatten(2).transpose(1, 2)  # (N, T=25, dim)
-        return self.norm(self.forward_blocks(tokens)).mean(dim=1)  # (N, dim)
+        return h.flatten(2).transpose(1, 2)  # (N, T=25, dim)
 
     def forward_blocks(self, tokens):
         """The transformer blocks: (N, T, dim) -> (N, T, dim); checkpointed in low-memory mode."""

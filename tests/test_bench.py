@@ -47,6 +47,31 @@ def test_bench_tiny_writes_json(tmp_path):
     assert result["config"]["batch_size"] == 16 and result["form"] == "fast"
 
 
+def test_bench_times_finetuning_steps_inside_one_training_run(tmp_path, monkeypatch):
+    calls, steps_seen = [], []
+
+    def spy(model, cutter, index, labels, *args, on_step=None, **kwargs):  # one call, every step reported
+        calls.append(len(index))
+        def counted():
+            steps_seen.append(1)
+            on_step()
+        return bench_train_classifier(model, cutter, index, labels, *args, on_step=counted, **kwargs)
+
+    bench_train_classifier = bench.train_classifier
+    monkeypatch.setattr(bench, "train_classifier", spy)
+    lines = []
+    path = bench.main(["--dataset=tiny", "--preset=small", "--patch_size=5", "--batch_size=8",
+                       "--finetune_batch_size=6", "--steps=3", "--warmup=2", "--parts=finetune",
+                       "--threads=1", f"--out={tmp_path / 'f.json'}"], log=lines.append)
+    result = json.loads(path.read_text())
+    assert calls == [6 * 5] and len(steps_seen) == 5  # warm-up + timed steps, one optimiser step each
+    logged = [line for line in lines if "finetune step" in line]
+    assert len(logged) == 5 and all("warm-up" in line for line in logged[:2])
+    assert not any("warm-up" in line for line in logged[2:])
+    ft = result["finetune"]["seconds_per_step"]
+    assert 0 < ft["min"] <= ft["median"] <= ft["max"]
+
+
 def test_bench_reference_form_and_size_overrides(tmp_path, monkeypatch):
     built = []
 
@@ -224,3 +249,20 @@ def test_allocator_policy_keeps_on_cpu_releases_with_low_memory_and_says_when_it
     assert calls == ["keep", "release"]                  # nothing on CUDA
     assert notes[0] is None and notes[2] is None
     assert (notes[1] is None) == glibc and (glibc or "--low_memory" in notes[1])
+
+
+def test_bench_parts_times_every_part_in_both_forms(tmp_path):
+    from bench import parts
+    lines = []
+    result = parts.main(["--preset=small", "--bands=12", "--patch_size=7", "--batch_size=4", "--repeats=1",
+                         "--threads=1", f"--out={tmp_path / 'p.json'}"], log=lines.append)
+    assert json.loads((tmp_path / "p.json").read_text())["parts"].keys() == set(parts.PART_NAMES)
+    rows = result["parts"]
+    for name in parts.PART_NAMES:
+        for form in ("fast", "reference"):
+            assert 0 < rows[name][form]["min_s"] <= rows[name][form]["median_s"]
+            assert any(line.lstrip().startswith(name) for line in lines)
+    # the parts are the whole encoder but for the small preset's band projection and the z heads' norms
+    pieces = sum(rows[name]["forward_flops_per_patch"] for name in parts.PART_NAMES[:-1])
+    whole = rows["whole encoder"]["forward_flops_per_patch"]
+    assert 0.9 * whole <= pieces <= whole

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.encoder import (PRESETS, ChannelAttention, PCLEncoder, SpatialAttention, SpectralStem,
+from models.encoder import (PRESETS, ChannelAttention, ConvQKV, PCLEncoder, SpatialAttention, SpectralStem,
                             build_encoder, count_parameters, describe)
 from utils.errors import UserError
 
@@ -187,6 +187,16 @@ def test_fast_forms_per_module(module):
     a.backward(g), b.backward(g)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
     assert_grads_close(fast, ref)
+
+
+def test_conv_qkv_fast_form_is_contiguous_along_tokens():
+    qkv = ConvQKV(16, grid=5)
+    x = torch.randn(3, 25, 16)
+    fast = qkv(x)
+    qkv.fast = False
+    ref = qkv(x)
+    assert fast.is_contiguous() and not ref.is_contiguous()  # the reference keeps oneDNN's strides
+    torch.testing.assert_close(fast, ref, rtol=0, atol=0)
 
 
 def test_autocast_bf16_runs_and_stays_close_to_float32():

@@ -115,7 +115,10 @@ def test_linear_probe_leaves_encoder_bit_identical_and_finetune_changes_it(toy, 
     start = {k: v.clone() for k, v in encoder.state_dict().items()}
     cutter = PatchCutter(standardise(scene.cube), encoder.config["patch_size"])
     model = TwoHeadClassifier(encoder, scene.n_classes)
-    train_classifier(model, cutter, train, scene.gt.ravel()[train], epochs=2, batch_size=16)
+    steps = []
+    train_classifier(model, cutter, train, scene.gt.ravel()[train], epochs=2, batch_size=16,
+                     on_step=lambda: steps.append(1))
+    assert len(steps) == 2 * sum(1 for s in range(0, len(train), 16) if len(train) - s >= 2)  # per step
     changed = [k for k, v in model.encoder.state_dict().items() if not torch.equal(v, start[k])]
     assert any("weight" in k for k in changed)
 
