@@ -257,7 +257,7 @@ def bench_finetune(config, encoder, cutter, gt, n_classes, device, log):
     sync()
     start = time.perf_counter()
     train_classifier(model, cutter, idx, gt.ravel()[idx], epochs=1, batch_size=batch, seed=config["seed"],
-                     on_step=on_step)
+                     on_step=on_step, fused=False if config["reference"] else None)  # reference: default Adam
     if len(ends) != n_steps:
         raise RuntimeError(f"fine-tuning ran {len(ends)} steps, expected {n_steps}")
     times = list(np.diff([start] + ends)[config["warmup"]:])

@@ -73,13 +73,15 @@ class TwoHeadClassifier(nn.Module):
 
 
 def train_classifier(model, cutter, train_index, train_labels, epochs=100, batch_size=64, lr=1e-3,
-                     backbone_lr_scale=0.01, weight_decay=0.0, seed=0, augment=None, on_step=None):
+                     backbone_lr_scale=0.01, weight_decay=0.0, seed=0, augment=None, on_step=None,
+                     fused=None):
     """Fine-tune encoder and heads with class-weighted cross-entropy on both branches.
 
     train_index: (M,) flat pixel indices; train_labels: (M,) in 1..K. Heads at `lr`, the encoder
     at lr * backbone_lr_scale (1.0 trains it from scratch: the supervised baseline).
     on_step: optional callable, called with no arguments after each optimiser step (the
-    benchmark times steps with it).
+    benchmark times steps with it). fused: torch's fused Adam (None: where it runs, see
+    utils.device.fused_adam; the benchmark's reference form passes False, torch's default).
     """
     device = cutter.padded.device
     labels = torch.as_tensor(np.asarray(train_labels) - 1, device=device)
@@ -88,7 +90,7 @@ def train_classifier(model, cutter, train_index, train_labels, epochs=100, batch
     optimizer = torch.optim.Adam([
         {"params": model.encoder.parameters(), "lr": lr * backbone_lr_scale},
         {"params": list(model.head_global.parameters()) + list(model.head_local.parameters()), "lr": lr},
-    ], weight_decay=weight_decay, fused=fused_adam(device))  # one kernel for all parameters
+    ], weight_decay=weight_decay, fused=fused_adam(device) if fused is None else fused)  # fused: one kernel
     index = torch.as_tensor(np.asarray(train_index), device=device)
     gen = torch.Generator().manual_seed(seed)
     model.train()

@@ -80,14 +80,25 @@ def test_bench_reference_form_and_size_overrides(tmp_path, monkeypatch):
             built.append(self.global_branch.fast)
             return super().forward(*args, **kwargs)
 
+    fused = []
+
+    class SpyAdam(torch.optim.Adam):  # records whether each optimiser is torch's fused one
+        def __init__(self, *args, **kwargs):
+            fused.append(bool(kwargs.get("fused")))
+            super().__init__(*args, **kwargs)
+
     monkeypatch.setattr(bench, "PCLEncoder", SpyEncoder)
+    monkeypatch.setattr(torch.optim, "Adam", SpyAdam)
     path = bench.main(["--dataset=SalinasA", "--height=12", "--width=9", "--bands=5", "--preset=small",
-                       "--patch_size=5", "--batch_size=8", "--steps=1", "--warmup=0", "--parts=pretrain",
-                       "--reference=true", "--threads=1", f"--out={tmp_path / 'r.json'}"], log=lambda *a: None)
+                       "--patch_size=5", "--batch_size=8", "--finetune_batch_size=4", "--steps=1", "--warmup=0",
+                       "--parts=pretrain,finetune", "--reference=true", "--threads=1", f"--out={tmp_path / 'r.json'}"],
+                      log=lambda *a: None)
     result = json.loads(path.read_text())
     assert result["scene_shape"] == [12, 9, 5] and result["form"] == "reference"
-    assert result["pretrain_anchors_per_s"] > 0 and "inference" not in result
+    assert result["pretrain_anchors_per_s"] > 0 and result["finetune_samples_per_s"] > 0
+    assert "inference" not in result
     assert built and not any(built)  # every forward pass ran the reference form
+    assert fused == [False, False]  # pretraining and fine-tuning: torch's default Adam
 
 
 def test_every_pixel_is_predicted():
