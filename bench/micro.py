@@ -10,7 +10,9 @@ Prints, min and median over 5 timed repeats after one warm-up:
   patches, forward and backward, as the encoder runs it;
 - one 512-channel 3x3 conv of the ResNet's last stage on 512 2 x 2 maps, forward and
   backward, as SmallMapConv2d's matmul and as Conv2d;
-- one Adam step over the paper encoder's parameters, torch's default and fused.
+- one Adam step over the paper encoder's parameters, torch's default and fused;
+- a 4096 x 4096 x 4096 float32 matmul: the GFLOP/s this CPU sustains in the best case (the
+  roof the model's achieved GFLOP/s in bench.run is compared with).
 """
 import os
 import sys
@@ -86,6 +88,11 @@ def main(argv):
         best, median = timed(adam.step)
         print(f"  Adam step, 13.5M parameters, fused={fused!s:5s}     "
               f"min {best * 1e3:6.0f} ms  median {median * 1e3:6.0f} ms")
+    del encoder, adam
+    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
+    best, median = timed(lambda: a @ b)
+    print(f"  matmul 4096^3 float32                         min {best * 1e3:6.0f} ms  median {median * 1e3:6.0f} ms"
+          f"  ({2 * 4096 ** 3 / best / 1e9:.0f} GFLOP/s at the min)")
 
 
 if __name__ == "__main__":
