@@ -43,9 +43,10 @@ PART_NAMES = ("pixel stage", "stacks + fuse", "transformer", "local branch", "wh
 
 
 def part_functions(encoder, x, requires_grad=True):
-    """name -> fn(x) returning a tensor whose sum is back-propagated; inputs of later parts
-    are detached outputs of earlier ones (requires_grad), so each part runs alone. The branches
-    read the band-projected patches (the small preset's band_proj, untimed; none in the paper's)."""
+    """x: (N, B, P, P) -> {part name: no-argument function returning a tensor whose sum is
+    back-propagated}. Later parts start from detached outputs of earlier ones (computed here,
+    untimed; requires_grad as given), so each part runs alone. The branches read the
+    band-projected patches (the small preset's band_proj, untimed; none in the paper's)."""
     g = encoder.global_branch
     with torch.no_grad():
         xb = encoder.band_proj(x)                                  # (N, band_proj or B, P, P)
