@@ -37,6 +37,7 @@ classes = 0                 # 0 = the scene's class count
 preset = "small"            # encoder preset: paper | small
 reference = False           # true: the encoder's literal reference forms (set_fast(False))
 low_memory = False          # true: pretraining with PCLEncoder.set_low_memory (recompute in backward)
+keep_freed_memory = False   # true: fast form with utils.device.keep_freed_memory (the scripts' setting until session 4)
 patch_size = 15
 negatives = "pcl"           # pretraining negatives: all | pcl | nsmm | pcl+nsmm
 batch_size = 256            # pretraining anchors per step
@@ -199,7 +200,7 @@ def bench_pretrain(config, cutter, spectra_t, pseudo_t, labels_t, device, n_band
     model = PCLEncoder(n_bands, config["patch_size"], config["preset"], fast=not config["reference"]).to(device)
     model.set_low_memory(config["low_memory"])
     if not config["reference"]:  # as pretrain_main.py; the reference form keeps glibc's and torch's defaults
-        set_allocator_policy(device, config["low_memory"])
+        set_allocator_policy(device, config["low_memory"], config["keep_freed_memory"])
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
                                  fused=not config["reference"] and fused_adam(device))
     use_amp = device.type == "cuda" and cfg["amp"]

@@ -250,15 +250,16 @@ def test_flop_count_is_the_models_not_the_fast_forms_overhead():
 
 
 @pytest.mark.parametrize("glibc", [True, False])
-def test_allocator_policy_keeps_on_cpu_releases_with_low_memory_and_says_when_it_cannot(glibc, monkeypatch):
+def test_allocator_policy_defaults_releases_with_low_memory_keeps_on_request_and_says_when_it_cannot(
+        glibc, monkeypatch):
     from utils import device as dev
     calls = []
     monkeypatch.setattr(dev, "keep_freed_memory", lambda: calls.append("keep") or True)
     monkeypatch.setattr(dev, "release_freed_memory", lambda: calls.append("release") or glibc)
-    notes = [dev.set_allocator_policy(torch.device(name), low) for name, low in
-             (("cpu", False), ("cpu", True), ("cuda", False))]
-    assert calls == ["keep", "release"]                  # nothing on CUDA
-    assert notes[0] is None and notes[2] is None
+    notes = [dev.set_allocator_policy(torch.device(name), low, keep) for name, low, keep in
+             (("cpu", False, False), ("cpu", True, False), ("cuda", False, True), ("cpu", False, True))]
+    assert calls == ["release", "keep"]  # glibc's defaults unless asked; low_memory releases; nothing on CUDA
+    assert notes[0] is None and notes[2] is None and notes[3] is None
     assert (notes[1] is None) == glibc and (glibc or "--low_memory" in notes[1])
 
 
@@ -277,3 +278,14 @@ def test_bench_parts_times_every_part_in_both_forms(tmp_path):
     pieces = sum(rows[name]["forward_flops_per_patch"] for name in parts.PART_NAMES[:-1])
     whole = rows["whole encoder"]["forward_flops_per_patch"]
     assert 0.9 * whole <= pieces <= whole
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_bench_fast_form_allocator_setting_is_the_scripts_unless_asked(tmp_path, monkeypatch, keep):
+    seen = []
+    monkeypatch.setattr(bench, "set_allocator_policy", lambda device, low, keep_freed=False: seen.append(
+        (device.type, low, keep_freed)))
+    bench.main(["--dataset=tiny", "--preset=small", "--patch_size=5", "--batch_size=8", "--steps=1", "--warmup=0",
+                "--parts=pretrain", "--threads=1", f"--keep_freed_memory={keep}", f"--out={tmp_path / 'k.json'}"],
+               log=lambda *a: None)
+    assert seen == [("cpu", False, keep)]
