@@ -67,7 +67,7 @@ from models.encoder import PCLEncoder, PRESETS, build_encoder          # noqa: E
 from utils.baselines import fit_svm, pca_window_features, spectral_features  # noqa: E402
 from utils.checkpoint import git_commit, load_encoder                  # noqa: E402
 from utils.config import format_config, resolve_config                 # noqa: E402
-from utils.device import pick_device                                # noqa: E402
+from utils.device import pick_device, set_allocator_policy          # noqa: E402
 from utils.errors import UserError, run_main                           # noqa: E402
 from utils.fileio import write_json, write_text                        # noqa: E402
 from utils.maps import save_comparison_png, save_map_png               # noqa: E402
@@ -248,6 +248,7 @@ def main(argv):
     if config["threads"] > 0:
         torch.set_num_threads(config["threads"])
     device = pick_device(config["device"])
+    set_allocator_policy(device, low_memory=False)  # reuse freed activations (speed; docs/BENCHMARKS.md)
     budget = f"r{config['train_ratio']:g}" if config["train_ratio"] > 0 else f"{config['train_per_class']}pc"
     protocol = config["protocol"] if config["method"] in ENCODER_METHODS else "baseline"
     run_name = config["name"] or f"{config['method']}_{protocol}_{config['split']}_{budget}"

@@ -290,7 +290,7 @@ def main(argv):
     torch.manual_seed(config["seed"])
     model = PCLEncoder(bands, config["patch_size"], config["preset"]).to(device)
     model.set_low_memory(config["low_memory"])
-    note = set_allocator_policy(device, config["low_memory"])  # low_memory: give freed memory back
+    note = set_allocator_policy(device, config["low_memory"])  # keep freed activations, or release them
     if note:
         say(note)
     say(describe(model))

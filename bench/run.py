@@ -37,7 +37,7 @@ classes = 0                 # 0 = the scene's class count
 preset = "small"            # encoder preset: paper | small
 reference = False           # true: the encoder's literal reference forms (set_fast(False))
 low_memory = False          # true: pretraining with PCLEncoder.set_low_memory (recompute in backward)
-keep_freed_memory = False   # true: fast form with utils.device.keep_freed_memory (the scripts' setting until session 4)
+keep_freed_memory = True    # fast form: the scripts' utils.device.keep_freed_memory; false: glibc's defaults
 patch_size = 15
 negatives = "pcl"           # pretraining negatives: all | pcl | nsmm | pcl+nsmm
 batch_size = 256            # pretraining anchors per step

@@ -250,15 +250,14 @@ def test_flop_count_is_the_models_not_the_fast_forms_overhead():
 
 
 @pytest.mark.parametrize("glibc", [True, False])
-def test_allocator_policy_defaults_releases_with_low_memory_keeps_on_request_and_says_when_it_cannot(
-        glibc, monkeypatch):
+def test_allocator_policy_keeps_on_cpu_releases_with_low_memory_and_says_when_it_cannot(glibc, monkeypatch):
     from utils import device as dev
     calls = []
     monkeypatch.setattr(dev, "keep_freed_memory", lambda: calls.append("keep") or True)
     monkeypatch.setattr(dev, "release_freed_memory", lambda: calls.append("release") or glibc)
     notes = [dev.set_allocator_policy(torch.device(name), low, keep) for name, low, keep in
-             (("cpu", False, False), ("cpu", True, False), ("cuda", False, True), ("cpu", False, True))]
-    assert calls == ["release", "keep"]  # glibc's defaults unless asked; low_memory releases; nothing on CUDA
+             (("cpu", False, True), ("cpu", True, True), ("cuda", False, True), ("cpu", False, False))]
+    assert calls == ["keep", "release"]  # kept on CPU; low_memory releases; nothing on CUDA; or glibc's defaults
     assert notes[0] is None and notes[2] is None and notes[3] is None
     assert (notes[1] is None) == glibc and (glibc or "--low_memory" in notes[1])
 
@@ -283,7 +282,7 @@ def test_bench_parts_times_every_part_in_both_forms(tmp_path):
 @pytest.mark.parametrize("keep", [False, True])
 def test_bench_fast_form_allocator_setting_is_the_scripts_unless_asked(tmp_path, monkeypatch, keep):
     seen = []
-    monkeypatch.setattr(bench, "set_allocator_policy", lambda device, low, keep_freed=False: seen.append(
+    monkeypatch.setattr(bench, "set_allocator_policy", lambda device, low, keep_freed=True: seen.append(
         (device.type, low, keep_freed)))
     bench.main(["--dataset=tiny", "--preset=small", "--patch_size=5", "--batch_size=8", "--steps=1", "--warmup=0",
                 "--parts=pretrain", "--threads=1", f"--keep_freed_memory={keep}", f"--out={tmp_path / 'k.json'}"],

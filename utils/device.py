@@ -37,19 +37,20 @@ def keep_freed_memory():
     By default glibc maps every block over 32 MB afresh and unmaps it when freed, so each
     training step's 376 MB activations (paper preset, batch 256) are new pages that the
     kernel zeroes on first touch (`python -m bench.micro`: filling a fresh 376 MB tensor 44 ms,
-    an existing one 25 ms, on the session-3 machine). Kept, they are reused from step to step,
-    but the heap fragments and peak RSS grows by gigabytes; whole pretraining steps were no
-    faster for it (docs/BENCHMARKS.md, session 4), so the scripts no longer use it; the
-    benchmarks offer it (`bench.run --keep_freed_memory=true`, `bench.micro`).
+    an existing one 25 ms, on the session-3 machine). Kept, they are reused from step to step:
+    pretraining steps about 1.4x faster in `bench.run` (docs/BENCHMARKS.md, session 4: against
+    `--keep_freed_memory=false`), at the cost of peak RSS (the heap fragments).
+    `low_memory` uses release_freed_memory instead.
     """
     return _mallopt((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
-def set_allocator_policy(device, low_memory, keep_freed=False):
+def set_allocator_policy(device, low_memory, keep_freed=True):
     """The CPU allocator setting the scripts run with: with low_memory, freed memory goes back
-    to the system (release_freed_memory); otherwise glibc's defaults, or, with keep_freed (the
-    benchmark's option), freed activations kept for reuse (keep_freed_memory). Nothing on other
-    devices. Returns a one-line note when low_memory could not be honoured (not glibc), else None."""
+    to the system (release_freed_memory); otherwise freed activations are kept for reuse
+    (keep_freed_memory, faster), or with keep_freed=False (a benchmark option) glibc's defaults
+    stay. Nothing on other devices. Returns a one-line note when low_memory could not be
+    honoured (not glibc), else None."""
     if low_memory:
         if not release_freed_memory():
             return ("note: --low_memory could not set glibc malloc's mmap threshold (another C library); "
