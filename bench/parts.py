@@ -35,7 +35,7 @@ bands = 204           # SalinasA's
 patch_size = 15
 batch_size = 512      # patches per pass
 repeats = 3
-threads = 2
+threads = 2           # torch CPU threads; 0 = torch's default
 seed = 0
 out = ""              # optional JSON path
 
@@ -75,7 +75,10 @@ def main(argv, log=print):
         raise UserError(f"--preset={config['preset']}: expected one of {', '.join(PRESETS)}")
     if config["batch_size"] < 2 or config["repeats"] < 1 or config["bands"] < 1:
         raise UserError("--batch_size must be >= 2, --repeats >= 1, --bands >= 1")
-    torch.set_num_threads(config["threads"])
+    if config["threads"] < 0:
+        raise UserError(f"--threads={config['threads']}: expected >= 0 (0 = torch's default)")
+    if config["threads"] > 0:
+        torch.set_num_threads(config["threads"])
     set_allocator_policy(torch.device("cpu"), low_memory=False)
     torch.manual_seed(config["seed"])
     encoder = PCLEncoder(config["bands"], config["patch_size"], config["preset"]).train()
@@ -92,7 +95,7 @@ def main(argv, log=print):
                     times[form, name].append(time.perf_counter() - t0)
         encoder.zero_grad(set_to_none=True)
     log(f"bench.parts  preset {config['preset']}  {config['batch_size']} patches of {config['bands']} x "
-        f"{config['patch_size']} x {config['patch_size']}  torch {torch.__version__}  threads {config['threads']}  "
+        f"{config['patch_size']} x {config['patch_size']}  torch {torch.__version__}  threads {torch.get_num_threads()}  "
         f"repeats {config['repeats']}")
     log(f"  {'part':14s} {'GFLOP/patch':>11s} | {'fast min / median':>18s} {'GFLOP/s':>7s} | "
         f"{'reference min / median':>22s} {'GFLOP/s':>7s} | ref/fast")

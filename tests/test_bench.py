@@ -262,8 +262,12 @@ def test_allocator_policy_keeps_on_cpu_releases_with_low_memory_and_says_when_it
     assert (notes[1] is None) == glibc and (glibc or "--low_memory" in notes[1])
 
 
-def test_bench_parts_times_every_part_in_both_forms(tmp_path):
+def test_bench_parts_times_every_part_in_both_forms(tmp_path, monkeypatch):
     from bench import parts
+    from models.encoder import GlobalBranch
+    forms = []  # the form of every timed or counted pixel-stage pass
+    original = GlobalBranch.pixel_stage
+    monkeypatch.setattr(GlobalBranch, "pixel_stage", lambda self, x: forms.append(self.fast) or original(self, x))
     lines = []
     result = parts.main(["--preset=small", "--bands=12", "--patch_size=7", "--batch_size=4", "--repeats=1",
                          "--threads=1", f"--out={tmp_path / 'p.json'}"], log=lines.append)
@@ -274,6 +278,7 @@ def test_bench_parts_times_every_part_in_both_forms(tmp_path):
             assert 0 < rows[name][form]["min_s"] <= rows[name][form]["median_s"]
             assert any(line.lstrip().startswith(name) for line in lines)
     # the parts are the whole encoder but for the small preset's band projection and the z heads' norms
+    assert forms.count(True) >= 4 and forms.count(False) >= 4  # both forms ran, warm-up and timed repeat
     pieces = sum(rows[name]["forward_flops_per_patch"] for name in parts.PART_NAMES[:-1])
     whole = rows["whole encoder"]["forward_flops_per_patch"]
     assert 0.9 * whole <= pieces <= whole

@@ -199,6 +199,18 @@ def test_conv_qkv_fast_form_is_contiguous_along_tokens():
     torch.testing.assert_close(fast, ref, rtol=0, atol=0)
 
 
+def test_fast_pixel_stage_hands_the_stacks_channels_last_maps():
+    """The CPU stem's reduce output is channels-last by construction; the fast form passes it on
+    without a copy (the stacks then run oneDNN's NHWC convolutions), the reference stays NCHW."""
+    enc = make("paper", bands=40)
+    x = patches(4, bands=40)
+    fast = enc.global_branch.pixel_stage(x)
+    ref = copy.deepcopy(enc).set_fast(False).global_branch.pixel_stage(x)
+    assert fast.is_contiguous(memory_format=torch.channels_last) and not fast.is_contiguous()
+    assert ref.is_contiguous()
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+
+
 def test_autocast_bf16_runs_and_stays_close_to_float32():
     """Mixed precision (bf16 autocast, as pretrain_main uses on CUDA): dtypes stay consistent,
     and the embeddings and gradients are float32's up to bf16 rounding (8 mantissa bits)."""
