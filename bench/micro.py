@@ -10,6 +10,8 @@ Prints, min and median over 5 timed repeats after one warm-up:
   patches, forward and backward, as the encoder runs it;
 - one 512-channel 3x3 conv of the ResNet's last stage on 512 2 x 2 maps, forward and
   backward, as SmallMapConv2d's matmul and as Conv2d;
+- BatchNorm + ReLU forward and backward on one stack's half of the pixel stage's
+  channels-last output: the strided channel slice, against a channels-last copy;
 - one Adam step over the paper encoder's parameters, torch's default and fused;
 - a 4096 x 4096 x 4096 float32 matmul: the GFLOP/s this CPU sustains in the best case (the
   roof the model's achieved GFLOP/s in bench.run is compared with).
@@ -80,6 +82,14 @@ def main(argv):
         form = "matmul" if fast else "Conv2d"
         print(f"  3x3 conv 512->512 on 2x2 maps, {form:6s} fwd+bwd "
               f"min {best * 1e3:6.0f} ms  median {median * 1e3:6.0f} ms")
+    bn = torch.nn.BatchNorm2d(32)
+    halves = torch.randn(512, 64, 15, 15).contiguous(memory_format=torch.channels_last)
+    for name, make in (("strided view", lambda: halves[:, :32]),
+                       ("channels-last", lambda: halves[:, :32].contiguous(memory_format=torch.channels_last))):
+        best, median = timed(lambda: bn(make().requires_grad_()).relu().sum().backward())
+        print(f"  BatchNorm + ReLU fwd+bwd, half of (512, 64, 15, 15) channels-last, {name:13s} "
+              f"min {best * 1e3:6.0f} ms  median {median * 1e3:6.0f} ms")
+    del halves
     encoder = PCLEncoder(204, 15, "paper")
     for p in encoder.parameters():
         p.grad = torch.randn_like(p)

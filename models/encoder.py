@@ -569,6 +569,11 @@ class GlobalBranch(nn.Module):
         else:
             r = F.conv2d(self.stem(x), w)  # (N, S*dim/4, H, W)
         parts = r.split(w.shape[0] // len(self.stacks), dim=1)
+        if r.is_contiguous(memory_format=torch.channels_last):
+            # a channel slice of a channels-last map is contiguous in no layout, and CPU
+            # BatchNorm then takes a generic strided path, ~10x slower forward + backward
+            # than on a channels-last copy (`python -m bench.micro`); the copies are small
+            parts = [part.contiguous(memory_format=torch.channels_last) for part in parts]
         return torch.cat([stack.reduce[1:](part) for stack, part in zip(self.stacks, parts)], dim=1)
 
     def forward(self, x, pixel=None):
