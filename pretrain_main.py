@@ -224,8 +224,8 @@ def main(argv):
                             choices={"negatives": MODES, "preset": tuple(PRESETS),
                                      "pretrain_pool": ("all", "exclude_test")})
     config = resolve_negatives(config)
-    if config["patch_size"] < 3 or config["patch_size"] % 2 == 0:
-        raise UserError(f"--patch_size={config['patch_size']}: expected an odd number >= 3")
+    if config["patch_size"] < 5 or config["patch_size"] % 2 == 0:
+        raise UserError(f"--patch_size={config['patch_size']}: expected an odd number >= 5")
     if config["epochs"] < 1 or config["batch_size"] < 2:
         raise UserError("--epochs must be >= 1 and --batch_size >= 2")
     out_name = config["out_name"] or "encoder"

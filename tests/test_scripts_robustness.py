@@ -295,6 +295,8 @@ def test_known_scene_missing_without_download(inproc_cwd, capsys):
     (finetune, ["--dataset=custom"], ["--dataset=custom needs --cube"]),
     (pretrain_main, ["--dataset=Mars"], ["--dataset=Mars", "IndianPines", "custom"]),
     (pretrain_main, ["epochs=3"], ["'epochs=3'", "--name=value"]),
+    (pretrain_main, ["--patch_size=3"], ["--patch_size=3", "odd number >= 5"]),  # the encoder's minimum
+    (pretrain_main, ["--patch_size=8"], ["--patch_size=8", "odd number >= 5"]),
 ])
 def test_bad_settings(module, args, words, inproc_cwd, capsys):
     code, _, err = run_inproc(module, args, capsys)
