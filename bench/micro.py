@@ -12,6 +12,9 @@ Prints, min and median over 5 timed repeats after one warm-up:
   backward, as SmallMapConv2d's matmul and as Conv2d;
 - BatchNorm + ReLU forward and backward on one stack's half of the pixel stage's
   channels-last output: the strided channel slice, against a channels-last copy;
+- attention over 512 patches' heads as the encoder lays them out (spatial: q, k, v of
+  (512, 4, 25, 32); channel: (512, 4, 32, 25)), F.scaled_dot_product_attention against
+  the written-out softmax(q k^T s) v, forward + backward and forward alone (no autograd);
 - one Adam step over the paper encoder's parameters, torch's default and fused;
 - a 4096 x 4096 x 4096 float32 matmul: the GFLOP/s this CPU sustains in the best case (the
   roof the model's achieved GFLOP/s in bench.run is compared with).
@@ -23,7 +26,7 @@ import time
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the scripts
 import torch  # noqa: E402
 
-from models.encoder import PCLEncoder, SmallMapConv2d  # noqa: E402
+from models.encoder import PCLEncoder, SmallMapConv2d, explicit_attention  # noqa: E402
 from utils.config import resolve_config  # noqa: E402
 from utils.device import keep_freed_memory  # noqa: E402
 from utils.errors import run_main  # noqa: E402
@@ -90,6 +93,18 @@ def main(argv):
         print(f"  BatchNorm + ReLU fwd+bwd, half of (512, 64, 15, 15) channels-last, {name:13s} "
               f"min {best * 1e3:6.0f} ms  median {median * 1e3:6.0f} ms")
     del halves
+    fused_attention = torch.nn.functional.scaled_dot_product_attention
+    for kind, qkv_view in (("spatial", lambda qkv: qkv.transpose(-2, -1)), ("channel", lambda qkv: qkv)):
+        qkv = torch.randn(512, 3, 4, 32, 25, requires_grad=True)  # (N, 3, heads, d, T), as ConvQKV
+        q, k, v = qkv_view(qkv).unbind(1)
+        grad = torch.randn(q.shape)  # a dense gradient, as from the projection after it
+        for name, fn in (("fused", fused_attention), ("written-out", explicit_attention)):
+            train = timed(lambda: fn(q, k, v, scale=0.2).backward(grad), repeats=15)
+            with torch.no_grad():
+                infer = timed(lambda: fn(q, k, v, scale=0.2), repeats=15)
+            print(f"  {kind} attention {tuple(q.shape)}, {name:11s} fwd+bwd median {train[1] * 1e3:4.0f} ms"
+                  f"  forward alone median {infer[1] * 1e3:4.0f} ms")
+        del qkv, q, k, v, grad
     encoder = PCLEncoder(204, 15, "paper")
     for p in encoder.parameters():
         p.grad = torch.randn_like(p)

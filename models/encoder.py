@@ -42,8 +42,10 @@ tests check the two agree in outputs, gradients and BatchNorm statistics):
   layer's conv output kept for backward (autograd's form keeps the ReLU output too: 376 MB
   per layer for 512 paper-preset patches). On CUDA the Conv2d form runs through autograd.
   Reference: F.conv3d (spectral_conv3d) and BatchNorm on 5-D tensors.
-- attention: F.scaled_dot_product_attention; reference: softmax(q k^T s) v. The conv-qkv output
-  is made contiguous along the tokens first (the channel attention normalises along them).
+- attention (`attention`): F.scaled_dot_product_attention on CUDA; on CPU softmax(q k^T s) v
+  written out, as PyTorch's fused CPU kernel is slower at these tiny sequences, forward and
+  backward (bench.micro times both). Reference: the written-out form. The conv-qkv output is made
+  contiguous along the tokens first (the channel attention normalises along them).
 - the two stacks' first 1x1 convs read the same (N, C*B', P, P) input and run as one.
 - local branch on CPU: channels-last input (oneDNN's NHWC convs); its 3x3 convs on maps of
   at most 2 x 2 pixels (the paper preset's last stage) run as one dense matmul
@@ -454,6 +456,23 @@ class ConvQKV(nn.Module):
         return qkv.contiguous() if self.fast else qkv
 
 
+def explicit_attention(q, k, v, scale):
+    """softmax(q k^T * scale) v. q: (..., L, E), k: (..., S, E), v: (..., S, Ev) -> (..., L, Ev)."""
+    return ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1) @ v
+
+
+def attention(q, k, v, scale):
+    """The fast form of explicit_attention (same shapes, same values within float error).
+
+    F.scaled_dot_product_attention on CUDA (fused kernels, bf16 under autocast); on CPU the
+    written-out form, which is faster there at these tiny sequences (L, S <= 32), forward and
+    backward alike (bench.micro times both).
+    """
+    if q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return explicit_attention(q, k, v, scale)
+
+
 class SpatialAttention(nn.Module):
     """Multi-head self-attention between the T tokens, with convolutional qkv.
 
@@ -472,11 +491,7 @@ class SpatialAttention(nn.Module):
         d = C // self.heads
         qkv = self.qkv(x).reshape(N, 3, self.heads, d, T)  # (N, 3, heads, d, T)
         q, k, v = qkv.transpose(-2, -1).unbind(1)  # each (N, heads, T, d)
-        if self.fast:
-            out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, d)
-        else:
-            attn = (q @ k.transpose(-2, -1)) * d ** -0.5  # (N, heads, T, T)
-            out = attn.softmax(dim=-1) @ v  # (N, heads, T, d)
+        out = (attention if self.fast else explicit_attention)(q, k, v, d ** -0.5)  # (N, heads, T, d)
         return self.proj(out.transpose(1, 2).reshape(N, T, C))  # (N, T, C)
 
 
@@ -504,10 +519,9 @@ class ChannelAttention(nn.Module):
         k = F.normalize(k, dim=-1)
         if self.fast:
             q = q * self.temperature.to(q.dtype)  # keep q's dtype under autocast
-            out = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # (N, heads, d, T)
+            out = attention(q, k, v, 1.0)  # (N, heads, d, T)
         else:
-            attn = (q @ k.transpose(-2, -1)) * self.temperature  # (N, heads, d, d)
-            out = attn.softmax(dim=-1) @ v  # (N, heads, d, T)
+            out = explicit_attention(q, k, v, self.temperature)  # (N, heads, d, T)
         return self.proj(out.reshape(N, C, T).transpose(1, 2))  # (N, T, C)
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from models.encoder import (PRESETS, ChannelAttention, ConvQKV, PCLEncoder, SpatialAttention, SpectralStem,
-                            build_encoder, count_parameters, describe)
+                            build_encoder, count_parameters, describe, explicit_attention)
 from utils.errors import UserError
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -187,6 +187,31 @@ def test_fast_forms_per_module(module):
     a.backward(g), b.backward(g)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
     assert_grads_close(fast, ref)
+
+
+@pytest.mark.parametrize("layout", ["spatial", "channel"])
+def test_fused_attention_equals_the_written_out_form(layout):
+    """The CUDA path (F.scaled_dot_product_attention) computes what the CPU's written-out form
+    does, on q, k, v laid out as the encoder's attentions lay them out; values and gradients."""
+    qkv = torch.randn(3, 3, 4, 8, 25, generator=torch.Generator().manual_seed(0))  # (N, 3, heads, d, T)
+    if layout == "spatial":  # heads of T tokens of width d, scale d^-1/2
+        parts, scale = qkv.transpose(-2, -1), 8 ** -0.5
+    else:  # heads of d channels of length T, a per-head temperature folded into q
+        parts, scale = qkv, 1.0
+    outs, grads = [], []
+    for fn in (F.scaled_dot_product_attention, explicit_attention):
+        leaf = parts.clone().requires_grad_()
+        q, k, v = leaf.unbind(1)
+        if layout == "channel":
+            q = F.normalize(q, dim=-1) * torch.tensor([0.5, 1.0, 2.0, 4.0]).view(4, 1, 1)
+            k = F.normalize(k, dim=-1)
+        out = fn(q, k, v, scale=scale)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+        outs.append(out)
+        grads.append(leaf.grad)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    assert outs[1].shape == q.shape
 
 
 def test_conv_qkv_fast_form_is_contiguous_along_tokens():
