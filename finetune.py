@@ -66,7 +66,7 @@ from models.classifier import (TwoHeadClassifier, extract_features, fit_linear_p
 from models.encoder import PCLEncoder, PRESETS, build_encoder          # noqa: E402
 from utils.baselines import fit_svm, pca_window_features, spectral_features  # noqa: E402
 from utils.checkpoint import git_commit, load_encoder                  # noqa: E402
-from utils.config import format_config, resolve_config                 # noqa: E402
+from utils.config import check_ranges, format_config, resolve_config   # noqa: E402
 from utils.device import pick_device, set_allocator_policy          # noqa: E402
 from utils.errors import UserError, run_main                           # noqa: E402
 from utils.fileio import write_json, write_text                        # noqa: E402
@@ -236,13 +236,31 @@ def per_class_table(scene, runs, summary):
     return "\n".join(lines) + "\n"
 
 
+RANGES = {  # settings whose values outside these ranges would give a traceback or an untrained head
+    "train_ratio": (lambda v: 0 <= v < 1, "a number in [0, 1) (0: use --train_per_class)"),
+    "patch_size": (lambda v: v >= 1 and v % 2 == 1, "an odd number"),
+    "probe_c": (lambda v: v > 0, "a number > 0"),
+    "finetune_epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "finetune_batch_size": (lambda v: v >= 2, "an integer >= 2 (BatchNorm needs two samples)"),
+    "finetune_lr": (lambda v: v > 0, "a number > 0"),
+    "backbone_lr_scale": (lambda v: v >= 0, "a number >= 0"),
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "threads": (lambda v: v >= 0, "an integer >= 0"),
+}
+
+
 def main(argv):
     config = resolve_config({k: globals()[k] for k in SETTINGS}, argv,
                             choices={"method": METHODS, "protocol": ("linear", "finetune"),
                                      "split": ("random", "disjoint"), "preset": ("",) + tuple(PRESETS)})
+    check_ranges(config, RANGES)
     seed_list = parse_seeds(config["seeds"])
     if not seed_list:
         raise UserError("--seeds is empty")
+    if len(set(seed_list)) < len(seed_list):
+        raise UserError(f"--seeds={config['seeds']}: a seed is given twice (it would count twice in the mean)")
+    if min(seed_list) < 0:
+        raise UserError(f"--seeds={config['seeds']}: seeds must be >= 0")
     if config["train_per_class"] < 1 and config["train_ratio"] <= 0:
         raise UserError("--train_per_class must be >= 1 (or give --train_ratio)")
     if config["threads"] > 0:
@@ -283,14 +301,17 @@ def main(argv):
                      "margin_removed": split.margin_removed})
         print(f"seed {seed}: OA {100 * scores['oa']:.2f}  AA {100 * scores['aa']:.2f}  "
               f"kappa {100 * scores['kappa']:.2f}  ({len(split.train)} train, {len(split.test)} test pixels)")
-        if config["save_map"] and seed == seed_list[0]:
-            prediction = predict_scene(predict, gt_flat.size, config["batch_size"]).reshape(scene.gt.shape)
-            map_path = out_dir / f"{run_name}_map.png"
-            save_map_png(out_dir / f"{run_name}_prediction.png", prediction, scene.palette)
-            save_comparison_png(map_path, prediction, scene.gt, scene.palette, scene.class_names,
-                                f"{scene.name} {run_name} seed {seed}: OA {100 * scores['oa']:.2f}")
-            print(f"map: {map_path}")
+        if config["save_map"] and seed == seed_list[0]:  # written with the results, after every seed ran
+            first_map = (seed, scores["oa"],
+                         predict_scene(predict, gt_flat.size, config["batch_size"]).reshape(scene.gt.shape))
 
+    if config["save_map"]:
+        seed, oa, prediction = first_map
+        map_path = out_dir / f"{run_name}_map.png"
+        save_map_png(out_dir / f"{run_name}_prediction.png", prediction, scene.palette)
+        save_comparison_png(map_path, prediction, scene.gt, scene.palette, scene.class_names,
+                            f"{scene.name} {run_name} seed {seed}: OA {100 * oa:.2f}")
+        print(f"map: {map_path}")
     summary = summarise(runs, scene.n_classes)
     csv_path = out_dir / f"{run_name}_per_class.csv"
     table = per_class_table(scene, runs, summary)

@@ -57,7 +57,8 @@ jitter_p = 0.8              # probability of the brightness/contrast jitter
 jitter_contrast = 0.2       # alpha in [1 - c, 1 + c]
 jitter_shift = 0.1          # beta in [-s, s] (bands are standardised)
 # optimisation
-pretrain_pool = "all"       # all pixels | exclude_test: no labelled pixel is ever seen
+pretrain_pool = "all"       # anchors: all pixels | exclude_test: no labelled pixel is an anchor
+                            # (labelled spectra still appear in nearby patches and in SLIC)
 epochs = 5                  # quick start; the paper protocol: --preset=paper --epochs=400 --lr=1e-4
 batch_size = 256
 lr = 1e-3                   # the authors used 1e-4 for 400 epochs
@@ -66,8 +67,8 @@ seed = 0
 device = "auto"             # auto = CUDA when present, else CPU
 amp = True                  # bf16 autocast on CUDA (ignored on CPU)
 threads = 0                 # CPU threads for torch; 0 = torch's default
-low_memory = False          # recompute activations in backward: same numbers, ~half the peak memory of
-                            # --preset=paper on CPU (about 20% slower; docs/BENCHMARKS.md)
+low_memory = False          # recompute activations in backward: same numbers, about a third of the peak
+                            # memory of --preset=paper on CPU, about 0.6x the speed (docs/BENCHMARKS.md)
 # output
 out_name = ""               # weights/<dataset>/<out_name>.safetensors; "" = encoder
 run_dir = ""                # checkpoints and logs; "" = runs/<dataset>/<out_name>
@@ -88,7 +89,7 @@ from models.losses import false_negative_share, similarity_logits, weighted_nt_x
 from models.negatives import MODES, batch_pcl_weights, negative_weights  # noqa: E402
 from utils.checkpoint import git_commit, load_checkpoint, save_checkpoint, save_encoder  # noqa: E402
 from utils import distributed                                         # noqa: E402
-from utils.config import format_config, resolve_config                # noqa: E402
+from utils.config import check_ranges, format_config, resolve_config  # noqa: E402
 from utils.device import fused_adam, pick_device, set_allocator_policy  # noqa: E402
 from utils.errors import UserError, run_main                          # noqa: E402
 from utils.fileio import atomic_path, write_json, write_text          # noqa: E402
@@ -158,6 +159,9 @@ def resume_from(path, model, optimizer, config, bands, fingerprint):
     if not isinstance(log, list) or len(log) != epoch or epoch < 0:
         raise UserError(f"{path}: inconsistent checkpoint (epoch {epoch}, {len(log) if isinstance(log, list) else '?'} "
                         f"log records); {advice}")
+    if epoch > config["epochs"]:
+        raise UserError(f"{path}: checkpoint has {epoch} epochs done, more than --epochs={config['epochs']}; "
+                        f"pass --epochs >= {epoch}, --resume=false to start over, or another --out_name")
     return epoch, log
 
 
@@ -219,15 +223,32 @@ def train_step(model, cutter, batch_index, spectra_t, pseudo_t, labels_t, config
     return loss, diag
 
 
+POSITIVE, NON_NEGATIVE = (lambda v: v > 0, "a number > 0"), (lambda v: v >= 0, "a number >= 0")
+SHARE = (lambda v: 0 <= v <= 1, "a number in [0, 1]")
+RANGES = {  # settings whose values outside these ranges would give NaN losses or a traceback
+    "patch_size": (lambda v: v >= 5 and v % 2 == 1, "an odd number >= 5"),
+    "temperature": POSITIVE, "pcl_a": POSITIVE, "pcl_b": POSITIVE,
+    "n_hard": NON_NEGATIVE, "n_easy": NON_NEGATIVE, "pseudo_k": NON_NEGATIVE,
+    "pseudo_pca": (lambda v: v >= 1, "an integer >= 1"),
+    "slic_pixels_per_segment": (lambda v: v >= 1, "an integer >= 1"),
+    "slic_compactness": POSITIVE, "slic_sigma": NON_NEGATIVE,
+    "slic_max_iter": (lambda v: v >= 1, "an integer >= 1"),
+    "crop_min": (lambda v: 0 < v <= 1, "a number in (0, 1]"), "jitter_p": SHARE,
+    "jitter_contrast": (lambda v: 0 <= v < 1, "a number in [0, 1)"), "jitter_shift": NON_NEGATIVE,
+    "epochs": (lambda v: v >= 1, "an integer >= 1"), "batch_size": (lambda v: v >= 2, "an integer >= 2"),
+    "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "seed": NON_NEGATIVE, "threads": NON_NEGATIVE,
+    "max_steps": NON_NEGATIVE,
+}
+
+
 def main(argv):
     config = resolve_config({k: globals()[k] for k in SETTINGS}, argv,
                             choices={"negatives": MODES, "preset": tuple(PRESETS),
                                      "pretrain_pool": ("all", "exclude_test")})
+    if config["weighting"] and "negatives" in {a[2:].split("=")[0].replace("-", "_") for a in argv}:
+        raise UserError("give --weighting (the first paper's shorthand) or --negatives, not both")
     config = resolve_negatives(config)
-    if config["patch_size"] < 5 or config["patch_size"] % 2 == 0:
-        raise UserError(f"--patch_size={config['patch_size']}: expected an odd number >= 5")
-    if config["epochs"] < 1 or config["batch_size"] < 2:
-        raise UserError("--epochs must be >= 1 and --batch_size >= 2")
+    check_ranges(config, RANGES)
     out_name = config["out_name"] or "encoder"
     weights_path = Path("weights") / config["dataset"] / f"{out_name}.safetensors"
     run_dir = Path(config["run_dir"] or Path("runs") / config["dataset"] / out_name)
@@ -237,6 +258,9 @@ def main(argv):
     if config["batch_size"] % world:
         raise UserError(f"--batch_size={config['batch_size']} does not divide by the {world} processes: each "
                         f"process takes an equal slice of the global batch; pass a multiple of {world}")
+    if config["batch_size"] // world < 2:
+        raise UserError(f"--batch_size={config['batch_size']} over {world} processes leaves one anchor per process; "
+                        f"BatchNorm needs two: pass at least {2 * world}")
     rank, world, device = distributed.setup(pick_device(config["device"]))
     say = print if rank == 0 else (lambda *args, **kwargs: None)  # only rank 0 reports
     say(f"pretrain_main.py  commit {git_commit()}  device {device}  torch {torch.__version__}")
@@ -269,8 +293,6 @@ def main(argv):
                                                          config["cache_dir"], Path(cache_path).stem)
         pseudo = pixel_pseudolabels(superpixels, clusters)
         pseudo_purity = purity(pseudo, scene.gt)
-        if rank == 0:
-            save_pseudolabel_map(run_dir / "pseudolabels.png", pseudo)
         say(f"pseudolabels: k-means k={k} on {spectra.shape[0]} superpixels, purity against the "
             f"ground truth {pseudo_purity:.3f} (diagnostic only); map {run_dir / 'pseudolabels.png'}")
 
@@ -318,6 +340,8 @@ def main(argv):
     stop = Stop()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     run_dir.mkdir(parents=True, exist_ok=True)
+    if "nsmm" in config["negatives"] and rank == 0:  # written once the run is known to go ahead
+        save_pseudolabel_map(run_dir / "pseudolabels.png", pseudo)
     total_steps = start_epoch * steps_per_epoch
     model.train()
     stopping = False

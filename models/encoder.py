@@ -468,8 +468,8 @@ def attention(q, k, v, scale):
     written-out form, which is faster there at these tiny sequences (L, S <= 32), forward and
     backward alike (bench.micro times both).
     """
-    if q.is_cuda:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if q.is_cuda:  # the fused kernels need the last axis contiguous (the spatial heads' is strided)
+        return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous(), scale=scale)
     return explicit_attention(q, k, v, scale)
 
 
@@ -518,7 +518,7 @@ class ChannelAttention(nn.Module):
         q = F.normalize(q, dim=-1)
         k = F.normalize(k, dim=-1)
         if self.fast:
-            q = q * self.temperature.to(q.dtype)  # keep q's dtype under autocast
+            q = q * self.temperature.to(q.dtype)  # q's dtype, whatever autocast made it
             out = attention(q, k, v, 1.0)  # (N, heads, d, T)
         else:
             out = explicit_attention(q, k, v, self.temperature)  # (N, heads, d, T)

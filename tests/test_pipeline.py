@@ -150,10 +150,11 @@ def test_map_png_has_scene_size_and_only_palette_colours(toy, capsys):
 def test_table_command_on_a_synthetic_scene(toy, capsys, monkeypatch):
     from utils import table
     # The table command pretrains with its own settings; keep them tiny.
-    table.main([f"--dataset=custom", "--methods=svm,simclr,pcl", "--budgets=3", "--splits=random,disjoint",
-                "--seeds=0-1", "--epochs=1", "--batch_size=32", "--threads=2",
-                f"--pretrain_args={' '.join(toy[1:] + ['--patch_size=7', '--max_steps=2', '--cache_dir=cache'])}",
-                f"--finetune_args={' '.join(toy[1:])}"])
+    table_args = [f"--dataset=custom", "--methods=svm,simclr,pcl", "--budgets=3", "--splits=random,disjoint",
+                  "--seeds=0-1", "--epochs=1", "--batch_size=32", "--threads=2",
+                  f"--pretrain_args={' '.join(toy[1:] + ['--patch_size=7', '--max_steps=2', '--cache_dir=cache'])}",
+                  f"--finetune_args={' '.join(toy[1:])}"]
+    table.main(table_args)
     md = Path("results/custom/table.md").read_text()
     csv = Path("results/custom/table.csv").read_text().splitlines()
     assert "| pcl |" in md and "| svm |" in md
@@ -168,6 +169,28 @@ def test_table_command_on_a_synthetic_scene(toy, capsys, monkeypatch):
     svm = json.loads(Path("results/custom/svm_baseline_random_3pc.json").read_text())["runs"]
     expected = np.mean([100 * (a["scores"]["oa"] - b["scores"]["oa"]) for a, b in zip(pcl, svm)])
     assert f"{expected:+.2f}" in rows[0]
+
+    # Run again with the same settings: every encoder and cell is kept as it is.
+    cells = {p: p.read_bytes() for p in Path("results/custom").glob("*_3pc.json")}
+    weights = {p: p.read_bytes() for p in Path("weights/custom").glob("*.safetensors")}
+    capsys.readouterr()
+    table.main(table_args)
+    out = capsys.readouterr().out
+    assert "running it again" not in out and "pretrained" not in out
+    assert {p: p.read_bytes() for p in cells} == cells and {p: p.read_bytes() for p in weights} == weights
+    # Other pretraining settings: the existing encoders are refused, not reused under the new label.
+    with pytest.raises(UserError, match=r"pcl.safetensors.*--epochs was 1, now 2.*--force=true"):
+        table.main([a.replace("--epochs=1", "--epochs=2").replace("--methods=svm,simclr,pcl", "--methods=pcl")
+                    for a in table_args])
+    # Other fine-tuning settings: the stale cells run again, the encoders stay.
+    table.main([a.replace("--methods=svm,simclr,pcl", "--methods=svm").replace("--splits=random,disjoint",
+                                                                              "--splits=random")
+                for a in table_args] + ["--finetune_epochs=7"])
+    out = capsys.readouterr().out
+    assert "svm_baseline_random_3pc.json: made with other settings (--finetune_epochs was 100, now 7)" in out
+    rerun = json.loads(Path("results/custom/svm_baseline_random_3pc.json").read_text())
+    assert rerun["config"]["finetune_epochs"] == 7
+    assert {p: p.read_bytes() for p in weights} == weights
 
 
 def test_pseudolabels_deterministic_cached_and_purity(tmp_path):

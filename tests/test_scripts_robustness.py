@@ -297,11 +297,36 @@ def test_known_scene_missing_without_download(inproc_cwd, capsys):
     (pretrain_main, ["epochs=3"], ["'epochs=3'", "--name=value"]),
     (pretrain_main, ["--patch_size=3"], ["--patch_size=3", "odd number >= 5"]),  # the encoder's minimum
     (pretrain_main, ["--patch_size=8"], ["--patch_size=8", "odd number >= 5"]),
+    # values that would give a NaN loss, wrong views, a traceback or an untrained head
+    (pretrain_main, ["--temperature=0"], ["--temperature=0", "> 0"]),
+    (pretrain_main, ["--pcl_b=0"], ["--pcl_b=0", "> 0"]),
+    (pretrain_main, ["--crop_min=1.5"], ["--crop_min=1.5", "(0, 1]"]),
+    (pretrain_main, ["--jitter_p=-0.1"], ["--jitter_p=-0.1", "[0, 1]"]),
+    (pretrain_main, ["--lr=-0.001"], ["--lr=-0.001", "> 0"]),
+    (pretrain_main, ["--slic_pixels_per_segment=0"], ["--slic_pixels_per_segment=0", ">= 1"]),
+    (pretrain_main, ["--max_steps=-1"], ["--max_steps=-1", ">= 0"]),
+    (pretrain_main, ["--batch_size=1"], ["--batch_size=1", ">= 2"]),
+    (pretrain_main, ["--weighting=pcl", "--negatives=all"], ["--weighting", "--negatives", "not both"]),
+    (finetune, ["--finetune_batch_size=1"], ["--finetune_batch_size=1", "BatchNorm"]),
+    (finetune, ["--finetune_epochs=0"], ["--finetune_epochs=0", ">= 1"]),
+    (finetune, ["--probe_c=0"], ["--probe_c=0", "> 0"]),
+    (finetune, ["--train_ratio=1.5"], ["--train_ratio=1.5", "[0, 1)"]),
+    (finetune, ["--batch_size=0"], ["--batch_size=0", ">= 1"]),
+    (finetune, ["--seeds=0,1,0"], ["--seeds=0,1,0", "twice"]),
 ])
 def test_bad_settings(module, args, words, inproc_cwd, capsys):
     code, _, err = run_inproc(module, args, capsys)
     assert_one_line_error(code, err, *words)
     assert no_outputs(inproc_cwd)
+
+
+def test_device_index_beyond_the_machine(monkeypatch):
+    from utils.device import pick_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a one-GPU machine, as far as torch says
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match=r"^--device=cuda:7: this machine has 1 CUDA device\(s\), cuda:0 to cuda:0$"):
+        pick_device("cuda:7")
+    assert pick_device("cuda:0") == torch.device("cuda", 0) and pick_device("cuda") == torch.device("cuda")
 
 
 def test_bad_setting_on_the_real_command_line(tmp_path):
@@ -467,6 +492,15 @@ def test_resumed_run_is_bit_identical(env, inproc_cwd, capsys):
     # a changed training setting is refused instead of silently mixing two recipes
     code, _, err = run_inproc(pretrain_main, args + ["--epochs=4", "--out_name=parts", "--temperature=0.1"], capsys)
     assert_one_line_error(code, err, "runs/custom/parts/checkpoint.pt", "--temperature")
+    # a refused resume leaves the run's files as they were (the pseudolabel map is written later)
+    run_files = {p.name: p.read_bytes() for p in Path("runs/custom/parts").iterdir()}
+    assert "pseudolabels.png" in run_files
+    code, _, err = run_inproc(pretrain_main, args + ["--epochs=4", "--out_name=parts", "--pseudo_k=2"], capsys)
+    assert_one_line_error(code, err, "runs/custom/parts/checkpoint.pt", "--pseudo_k")
+    # fewer epochs than the checkpoint has done is refused too (the log would say more than the file)
+    code, _, err = run_inproc(pretrain_main, args + ["--epochs=2", "--out_name=parts"], capsys)
+    assert_one_line_error(code, err, "runs/custom/parts/checkpoint.pt", "3 epochs done", "--epochs=2")
+    assert {p.name: p.read_bytes() for p in Path("runs/custom/parts").iterdir()} == run_files
 
 
 WRITER = """

@@ -43,15 +43,15 @@ def save_encoder(path, encoder, metadata):
         save_file(tensors, str(tmp), metadata=meta)
 
 
-def read_encoder_file(path):
-    """Tensors and decoded metadata of an encoder file; UserError if it is not one."""
+def _open_encoder_file(path, tensors=True):
+    """(tensors or None, decoded metadata) of an encoder file; UserError if it is not one."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no encoder weights there; run pretrain_main.py first or pass --weights=FILE")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw_meta = f.metadata() or {}
-        tensors = load_file(str(path))
+        weights = load_file(str(path)) if tensors else None
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -68,7 +68,17 @@ def read_encoder_file(path):
             meta[key] = json.loads(value)
         except (json.JSONDecodeError, TypeError):
             meta[key] = value
-    return tensors, meta
+    return weights, meta
+
+
+def read_encoder_file(path):
+    """Tensors and decoded metadata of an encoder file; UserError if it is not one."""
+    return _open_encoder_file(path)
+
+
+def read_encoder_metadata(path):
+    """Decoded metadata of an encoder file, without loading its tensors; UserError if not one."""
+    return _open_encoder_file(path, tensors=False)[1]
 
 
 def load_encoder(path, build_encoder, device="cpu"):

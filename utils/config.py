@@ -63,6 +63,17 @@ def resolve_config(defaults, argv, choices=None):
     return config
 
 
+def check_ranges(config, rules):
+    """Raise UserError on the first setting outside its range.
+
+    rules: {name: (ok, expected)}, ok(value) -> bool and `expected` the words the
+    one-line error gives, e.g. {"lr": (lambda v: v > 0, "a number > 0")}.
+    """
+    for name, (ok, expected) in rules.items():
+        if not ok(config[name]):
+            raise UserError(f"--{name}={config[name]}: expected {expected}")
+
+
 def format_config(config):
     """Config as aligned `name = value` lines, for printing at start."""
     width = max(len(k) for k in config)

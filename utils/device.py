@@ -11,9 +11,13 @@ def pick_device(name):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device={name}: CUDA is not available on this machine; use --device=auto or cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device={name}: expected auto, cpu or cuda[:index]") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device={name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc mallopt parameters

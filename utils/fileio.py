@@ -38,21 +38,21 @@ def atomic_path(path):
         raise
 
 
-def _finite_or_none(obj):
+def finite_or_none(obj):
     """NaN / inf -> None, recursively: the output stays strict JSON (jq, JavaScript can read it)."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
+        return {k: finite_or_none(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite_or_none(v) for v in obj]
+        return [finite_or_none(v) for v in obj]
     return obj
 
 
 def write_json(path, obj):
     """Write `obj` as indented strict JSON (NaN and inf become null), atomically."""
     with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(_finite_or_none(obj), indent=2, allow_nan=False) + "\n")
+        Path(tmp).write_text(json.dumps(finite_or_none(obj), indent=2, allow_nan=False) + "\n")
 
 
 def write_text(path, text):

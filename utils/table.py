@@ -2,9 +2,11 @@
 
     python -m utils.table --dataset=SalinasA --budgets=5,10,15 --splits=random,disjoint --seeds=0-9
 
-Pretrains the encoders the table needs (weights/<dataset>/<mode>.safetensors, skipped when the
-file exists), runs finetune.py for every method x split x budget (skipped when its JSON exists,
-unless --force=true), then writes results/<dataset>/table.md and table.csv: OA, AA, kappa as
+Pretrains the encoders the table needs (weights/<dataset>/<mode>.safetensors, kept when the
+file exists and was pretrained with the settings this table asks for; refused when it was made
+with others: pass --force=true to pretrain again, or a --tag to keep both), runs finetune.py for
+every method x split x budget (kept when its JSON exists with the same settings and the same
+encoder, else run again; every cell runs again with --force=true), then writes results/<dataset>/table.md and table.csv: OA, AA, kappa as
 mean +- std over the seeds, and the pretraining false-negative share beside each encoder row.
 `--pretrain_args` / `--finetune_args` pass extra settings through (e.g. a custom scene's files).
 """
@@ -15,9 +17,10 @@ from pathlib import Path
 
 import finetune
 import pretrain_main
+from utils.checkpoint import read_encoder_metadata
 from utils.config import format_config, resolve_config
 from utils.errors import UserError, run_main
-from utils.fileio import write_text
+from utils.fileio import finite_or_none, write_text
 
 DEFAULTS = {
     "dataset": "SalinasA", "data_dir": "", "methods": "svm,svm_spatial,supervised,simclr,pcl,nsmm,pcl+nsmm",
@@ -34,38 +37,93 @@ def weights_path(cfg, method):
     return Path("weights") / cfg["dataset"] / f"{method}{cfg['tag']}.safetensors"
 
 
-def pretrain_if_missing(cfg, method):
-    """weights/<dataset>/<method>.safetensors, pretrained now if absent. Returns its path."""
-    path = weights_path(cfg, method)
-    if path.exists() and not cfg["force"]:
-        return path
-    argv = [f"--dataset={cfg['dataset']}", f"--data_dir={cfg['data_dir']}", f"--negatives={PRETRAIN_MODE[method]}",
+# settings that do not change what a run computes (where files are, devices, logging)
+PRETRAIN_FREE = set(pretrain_main.RESUME_FREE) - {"epochs"}
+FINETUNE_FREE = {"data_dir", "download", "device", "threads", "results_dir", "save_map", "batch_size", "name"}
+
+
+def changed_settings(stored, expected, free):
+    """['--name was X, now Y', ...] for every setting outside `free` whose stored value differs."""
+    stored = stored if isinstance(stored, dict) else {}
+    return [f"--{k} was {stored.get(k)!r}, now {v!r}" for k, v in expected.items()
+            if k not in free and stored.get(k) != v]
+
+
+def pretrain_argv(cfg, path, method):
+    """pretrain_main.py's arguments for one encoder of the table."""
+    return [f"--dataset={cfg['dataset']}", f"--data_dir={cfg['data_dir']}", f"--negatives={PRETRAIN_MODE[method]}",
             f"--preset={cfg['preset']}", f"--epochs={cfg['epochs']}", f"--batch_size={cfg['batch_size']}",
             f"--lr={cfg['lr']}", f"--out_name={path.stem}", f"--device={cfg['device']}",
             f"--threads={cfg['threads']}", "--resume=false"] + cfg["pretrain_args"].split()
+
+
+def pretrain_if_missing(cfg, method):
+    """weights/<dataset>/<method>.safetensors, pretrained now if absent. Returns its path.
+
+    An existing file pretrained with other settings than this table's is refused (UserError):
+    pretraining again would overwrite it, and using it would mislabel the table.
+    """
+    path = weights_path(cfg, method)
+    argv = pretrain_argv(cfg, path, method)
+    if path.exists() and not cfg["force"]:
+        expected = pretrain_main.resolve_negatives(
+            resolve_config({k: getattr(pretrain_main, k) for k in pretrain_main.SETTINGS}, argv))
+        stored = read_encoder_metadata(path).get("pretrain_config")
+        changed = changed_settings(stored, expected, PRETRAIN_FREE)
+        if changed:
+            raise UserError(f"{path}: pretrained with other settings than this table's ({'; '.join(changed[:4])}); "
+                            f"pass --force=true to pretrain it again, or --tag=NAME to keep both")
+        return path
     t0 = time.time()
     pretrain_main.main(argv)
     print(f"[table] pretrained {method} in {time.time() - t0:.0f}s", flush=True)
     return path
 
 
+def stale_cell(path, argv, weights):
+    """Why the result JSON at `path` is not this table's cell ('' when it is): other
+    finetune.py settings, or another encoder file than `weights` (None for baselines)."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return "unreadable"
+    expected = resolve_config({k: getattr(finetune, k) for k in finetune.SETTINGS}, argv)
+    changed = changed_settings(result.get("config"), expected, FINETUNE_FREE)
+    if changed:
+        return "; ".join(changed[:4])
+    if weights is not None and result.get("encoder_metadata") != finite_or_none(read_encoder_metadata(weights)):
+        return f"{weights} was pretrained again since"
+    return ""
+
+
 def run_cell(cfg, method, split, budget):
-    """finetune.py for one cell; returns its JSON (re-used when already there)."""
+    """finetune.py for one cell; returns its JSON (re-used when it is there with the same
+    settings and encoder, run again otherwise)."""
     protocol = cfg["protocol"] if method in PRETRAIN_MODE else "baseline"
     name = f"{method}_{protocol}_{split}_{budget}pc{cfg['tag']}"
     path = Path(cfg["results_dir"]) / cfg["dataset"] / f"{name}.json"
-    if not path.exists() or cfg["force"]:
-        argv = [f"--dataset={cfg['dataset']}", f"--data_dir={cfg['data_dir']}", f"--method={method}",
-                f"--protocol={cfg['protocol']}", f"--split={split}", f"--train_per_class={budget}",
-                f"--seeds={cfg['seeds']}", f"--name={name}", f"--results_dir={cfg['results_dir']}",
-                f"--device={cfg['device']}", f"--threads={cfg['threads']}", "--save_map=false",
-                f"--finetune_epochs={cfg['finetune_epochs']}"] + cfg["finetune_args"].split()
-        if method == "supervised":
-            argv.append(f"--preset={cfg['preset']}")
-        if method in PRETRAIN_MODE:
-            argv.append(f"--weights={weights_path(cfg, method)}")
+    argv = cell_argv(cfg, method, split, budget, name)
+    weights = weights_path(cfg, method) if method in PRETRAIN_MODE else None
+    stale = "" if not path.exists() or cfg["force"] else stale_cell(path, argv, weights)
+    if stale:
+        print(f"[table] {path}: made with other settings ({stale}); running it again", flush=True)
+    if not path.exists() or cfg["force"] or stale:
         finetune.main(argv)
     return json.loads(path.read_text())
+
+
+def cell_argv(cfg, method, split, budget, name):
+    """finetune.py's arguments for one cell of the table."""
+    argv = [f"--dataset={cfg['dataset']}", f"--data_dir={cfg['data_dir']}", f"--method={method}",
+            f"--protocol={cfg['protocol']}", f"--split={split}", f"--train_per_class={budget}",
+            f"--seeds={cfg['seeds']}", f"--name={name}", f"--results_dir={cfg['results_dir']}",
+            f"--device={cfg['device']}", f"--threads={cfg['threads']}", "--save_map=false",
+            f"--finetune_epochs={cfg['finetune_epochs']}"] + cfg["finetune_args"].split()
+    if method == "supervised":
+        argv.append(f"--preset={cfg['preset']}")
+    if method in PRETRAIN_MODE:
+        argv.append(f"--weights={weights_path(cfg, method)}")
+    return argv
 
 
 def fmt(stat):
