@@ -8,8 +8,8 @@ Prints, min and median over 5 timed repeats after one warm-up:
 - a fresh 376 MB tensor filled, against refilling one that exists (page-fault cost);
 - the global branch's per-pixel stage (spectral stem + the stacks' 1x1 reduce) on 512
   patches, forward and backward, as the encoder runs it;
-- one 512-channel 3x3 conv of the ResNet's last stage on 512 2 x 2 maps, forward and
-  backward, as SmallMapConv2d's matmul and as Conv2d;
+- one 512-channel 3x3 conv of the ResNet's last stage on 512 and on 64 2 x 2 maps, forward
+  and backward, as SmallMapConv2d's matmul and as Conv2d;
 - BatchNorm + ReLU forward and backward on one stack's half of the pixel stage's
   channels-last output: the strided channel slice, against a channels-last copy;
 - attention over 512 patches' heads as the encoder lays them out (spatial: q, k, v of
@@ -78,13 +78,14 @@ def main(argv):
     print(f"  pixel stage forward + backward                min {backward[0]:.2f} s  median {backward[1]:.2f} s")
     del x
     conv = SmallMapConv2d(512, 512, 3, padding=1, bias=False)
-    maps = torch.randn(512, 512, 2, 2).contiguous(memory_format=torch.channels_last).requires_grad_()
-    for fast in (True, False):
-        conv.fast = fast
-        best, median = timed(lambda: conv(maps).sum().backward())
-        form = "matmul" if fast else "Conv2d"
-        print(f"  3x3 conv 512->512 on 2x2 maps, {form:6s} fwd+bwd "
-              f"min {best * 1e3:6.0f} ms  median {median * 1e3:6.0f} ms")
+    for n in (512, 64):  # a pretraining step's patches, a fine-tuning step's
+        maps = torch.randn(n, 512, 2, 2).contiguous(memory_format=torch.channels_last).requires_grad_()
+        for fast in (True, False):
+            conv.fast = fast
+            best, median = timed(lambda: conv(maps).sum().backward())
+            form = "matmul" if fast else "Conv2d"
+            print(f"  3x3 conv 512->512 on {n:3d} 2x2 maps, {form:6s} fwd+bwd "
+                  f"min {best * 1e3:6.0f} ms  median {median * 1e3:6.0f} ms")
     bn = torch.nn.BatchNorm2d(32)
     halves = torch.randn(512, 64, 15, 15).contiguous(memory_format=torch.channels_last)
     for name, make in (("strided view", lambda: halves[:, :32]),
