@@ -249,6 +249,13 @@ def main(argv):
         raise UserError("give --weighting (the first paper's shorthand) or --negatives, not both")
     config = resolve_negatives(config)
     check_ranges(config, RANGES)
+    if "nsmm" in config["negatives"]:  # else every negative is masked out: a zero loss, nothing learnt
+        if config["n_hard"] + config["n_easy"] < 1:
+            raise UserError(f"--negatives={config['negatives']} keeps n_hard + n_easy negatives per anchor; "
+                            f"--n_hard={config['n_hard']} --n_easy={config['n_easy']} keeps none")
+        if config["pseudo_k"] == 1:
+            raise UserError("--pseudo_k=1 puts every pixel in one cluster, so NSMM eliminates every negative; "
+                            "pass 0 (the class count) or >= 2")
     out_name = config["out_name"] or "encoder"
     weights_path = Path("weights") / config["dataset"] / f"{out_name}.safetensors"
     run_dir = Path(config["run_dir"] or Path("runs") / config["dataset"] / out_name)

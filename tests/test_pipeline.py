@@ -182,6 +182,10 @@ def test_table_command_on_a_synthetic_scene(toy, capsys, monkeypatch):
     with pytest.raises(UserError, match=r"pcl.safetensors.*--epochs was 1, now 2.*--force=true"):
         table.main([a.replace("--epochs=1", "--epochs=2").replace("--methods=svm,simclr,pcl", "--methods=pcl")
                     for a in table_args])
+    # An encoder cut short by --max_steps is not the fully pretrained one.
+    with pytest.raises(UserError, match=r"pcl.safetensors.*--max_steps was 2, now 0"):
+        table.main([a.replace(" --max_steps=2", "").replace("--methods=svm,simclr,pcl", "--methods=pcl")
+                    for a in table_args])
     # Other fine-tuning settings: the stale cells run again, the encoders stay.
     table.main([a.replace("--methods=svm,simclr,pcl", "--methods=svm").replace("--splits=random,disjoint",
                                                                               "--splits=random")

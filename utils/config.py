@@ -6,6 +6,7 @@ The type of each default decides how its value is parsed: `--lr=1` is a float,
 `--epochs=3` an int, `--flag=true|false|1|0` a bool, anything else a string.
 """
 import difflib
+import math
 
 from utils.errors import UserError
 
@@ -67,10 +68,12 @@ def check_ranges(config, rules):
     """Raise UserError on the first setting outside its range.
 
     rules: {name: (ok, expected)}, ok(value) -> bool and `expected` the words the
-    one-line error gives, e.g. {"lr": (lambda v: v > 0, "a number > 0")}.
+    one-line error gives, e.g. {"lr": (lambda v: v > 0, "a number > 0")}. NaN and
+    infinite values fail every rule.
     """
     for name, (ok, expected) in rules.items():
-        if not ok(config[name]):
+        value = config[name]
+        if (isinstance(value, float) and not math.isfinite(value)) or not ok(value):
             raise UserError(f"--{name}={config[name]}: expected {expected}")
 
 

@@ -38,7 +38,7 @@ def weights_path(cfg, method):
 
 
 # settings that do not change what a run computes (where files are, devices, logging)
-PRETRAIN_FREE = set(pretrain_main.RESUME_FREE) - {"epochs"}
+PRETRAIN_FREE = set(pretrain_main.RESUME_FREE) - {"epochs", "max_steps"}  # a cut-short run is not the same encoder
 FINETUNE_FREE = {"data_dir", "download", "device", "threads", "results_dir", "save_map", "batch_size", "name"}
 
 
