@@ -88,6 +88,11 @@ def parse_seeds(text):
         raise UserError(f"--seeds={text}: expected a list like 0,1,2 or a range like 0-9") from None
 
 
+def scene_fingerprint(scene):
+    """Short hash of a scene's cube and labels: a result names the exact data it was made on."""
+    return f"{cube_fingerprint(scene.cube)}-{cube_fingerprint(scene.gt)}"
+
+
 def weights_path_for(config):
     if config["weights"]:
         return Path(config["weights"])
@@ -320,7 +325,8 @@ def main(argv):
     json_path = out_dir / f"{run_name}.json"
     write_json(json_path, {
         "dataset": scene.name, "method": config["method"], "protocol": protocol, "split": config["split"],
-        "class_names": scene.class_names, "config": config, "notes": notes, "summary": summary, "runs": runs,
+        "class_names": scene.class_names, "scene_fingerprint": scene_fingerprint(scene),
+        "config": config, "notes": notes, "summary": summary, "runs": runs,
         "weights": evaluator.weights_path, "encoder_metadata": evaluator.meta, "commit": git_commit(),
         "seconds": round(time.time() - t_start, 1), "torch": torch.__version__, "device": str(device),
     })

@@ -191,10 +191,22 @@ def test_table_command_on_a_synthetic_scene(toy, capsys, monkeypatch):
                                                                               "--splits=random")
                 for a in table_args] + ["--finetune_epochs=7"])
     out = capsys.readouterr().out
-    assert "svm_baseline_random_3pc.json: made with other settings (--finetune_epochs was 100, now 7)" in out
+    assert "svm_baseline_random_3pc.json: out of date (--finetune_epochs was 100, now 7)" in out
     rerun = json.loads(Path("results/custom/svm_baseline_random_3pc.json").read_text())
     assert rerun["config"]["finetune_epochs"] == 7
     assert {p: p.read_bytes() for p in weights} == weights
+    # The scene's files rewritten in place (same paths, same settings): the cells made on the
+    # old data run again.
+    svm_only = [a.replace("--methods=svm,simclr,pcl", "--methods=svm").replace("--splits=random,disjoint",
+                                                                               "--splits=random")
+                for a in table_args] + ["--finetune_epochs=7"]
+    table.main(svm_only)
+    assert "running it again" not in capsys.readouterr().out  # same data: kept
+    cube_path = Path(toy[1].split("=", 1)[1])
+    np.save(cube_path, np.load(cube_path) * 1.01)
+    table.main(svm_only)
+    assert ("svm_baseline_random_3pc.json: out of date (the scene's cube or labels are not the ones "
+            "it was made on)") in capsys.readouterr().out
 
 
 def test_pseudolabels_deterministic_cached_and_purity(tmp_path):

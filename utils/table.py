@@ -5,8 +5,8 @@
 Pretrains the encoders the table needs (weights/<dataset>/<mode>.safetensors, kept when the
 file exists and was pretrained with the settings this table asks for; refused when it was made
 with others: pass --force=true to pretrain again, or a --tag to keep both), runs finetune.py for
-every method x split x budget (kept when its JSON exists with the same settings and the same
-encoder, else run again; every cell runs again with --force=true), then writes results/<dataset>/table.md and table.csv: OA, AA, kappa as
+every method x split x budget (kept when its JSON exists with the same settings, scene data
+and encoder, else run again; every cell runs again with --force=true), then writes results/<dataset>/table.md and table.csv: OA, AA, kappa as
 mean +- std over the seeds, and the pretraining false-negative share beside each encoder row.
 `--pretrain_args` / `--finetune_args` pass extra settings through (e.g. a custom scene's files).
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import finetune
 import pretrain_main
+from data import load_scene
 from utils.checkpoint import read_encoder_metadata
 from utils.config import format_config, resolve_config
 from utils.errors import UserError, run_main
@@ -80,9 +81,18 @@ def pretrain_if_missing(cfg, method):
     return path
 
 
-def stale_cell(path, argv, weights):
+def current_scene_fingerprint(cfg):
+    """finetune.scene_fingerprint of the scene the table's cells would load now."""
+    c = resolve_config({k: getattr(finetune, k) for k in finetune.SETTINGS},
+                       [f"--dataset={cfg['dataset']}", f"--data_dir={cfg['data_dir']}"] + cfg["finetune_args"].split())
+    scene = load_scene(c["dataset"], c["data_dir"], c["download"], c["cube"], c["gt"], c["class_names"], c["layout"])
+    return finetune.scene_fingerprint(scene)
+
+
+def stale_cell(path, argv, weights, scene_fingerprint):
     """Why the result JSON at `path` is not this table's cell ('' when it is): other
-    finetune.py settings, or another encoder file than `weights` (None for baselines)."""
+    finetune.py settings, other scene data (a custom scene's files rewritten in place), or
+    another encoder file than `weights` (None for baselines)."""
     try:
         result = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -91,12 +101,14 @@ def stale_cell(path, argv, weights):
     changed = changed_settings(result.get("config"), expected, FINETUNE_FREE)
     if changed:
         return "; ".join(changed[:4])
+    if result.get("scene_fingerprint") != scene_fingerprint:
+        return "the scene's cube or labels are not the ones it was made on"
     if weights is not None and result.get("encoder_metadata") != finite_or_none(read_encoder_metadata(weights)):
         return f"{weights} was pretrained again since"
     return ""
 
 
-def run_cell(cfg, method, split, budget):
+def run_cell(cfg, method, split, budget, scene_fingerprint):
     """finetune.py for one cell; returns its JSON (re-used when it is there with the same
     settings and encoder, run again otherwise)."""
     protocol = cfg["protocol"] if method in PRETRAIN_MODE else "baseline"
@@ -104,9 +116,9 @@ def run_cell(cfg, method, split, budget):
     path = Path(cfg["results_dir"]) / cfg["dataset"] / f"{name}.json"
     argv = cell_argv(cfg, method, split, budget, name)
     weights = weights_path(cfg, method) if method in PRETRAIN_MODE else None
-    stale = "" if not path.exists() or cfg["force"] else stale_cell(path, argv, weights)
+    stale = "" if not path.exists() or cfg["force"] else stale_cell(path, argv, weights, scene_fingerprint)
     if stale:
-        print(f"[table] {path}: made with other settings ({stale}); running it again", flush=True)
+        print(f"[table] {path}: out of date ({stale}); running it again", flush=True)
     if not path.exists() or cfg["force"] or stale:
         finetune.main(argv)
     return json.loads(path.read_text())
@@ -158,12 +170,13 @@ def main(argv):
     for method in methods:
         if method in PRETRAIN_MODE:
             pretrain_if_missing(cfg, method)
+    fingerprint = current_scene_fingerprint(cfg)
     cells = {}
     for split in splits:
         for budget in budgets:
             for method in methods:
                 t = time.time()
-                cells[method, split, budget] = run_cell(cfg, method, split, budget)
+                cells[method, split, budget] = run_cell(cfg, method, split, budget, fingerprint)
                 print(f"[table] {method} {split} {budget}/class: {time.time() - t:.0f}s", flush=True)
     columns = [(s, b) for s in splits for b in budgets]
     md = [f"Scene {cfg['dataset']}, protocol {cfg['protocol']}, seeds {cfg['seeds']}, preset {cfg['preset']}, "
