@@ -74,7 +74,8 @@ out_name = ""               # weights/<dataset>/<out_name>.safetensors; "" = enc
 run_dir = ""                # checkpoints and logs; "" = runs/<dataset>/<out_name>
 cache_dir = "runs/cache"    # SLIC and pseudolabel cache
 resume = True               # continue from run_dir/checkpoint.pt when present
-max_steps = 0               # stop after this many steps in total (0 = no limit; for tests)
+max_steps = 0               # stop after this many steps in total (0 = no limit; for tests); a cut-short
+                            # epoch is logged with its step count and never checkpointed
 # -------------------------------------------------------------------------
 SETTINGS = [k for k in list(globals()) if not k.startswith("_") and k[0].islower()
             and isinstance(globals()[k], (bool, int, float, str))]
@@ -386,12 +387,16 @@ def main(argv):
             if stopping:
                 raise KeyboardInterrupt
             seconds = time.time() - t_epoch
+            partial = step + 1 < steps_per_epoch  # cut short by --max_steps
             record = {"epoch": epoch + 1, "seconds": round(seconds, 2),
                       "anchors_per_s": round((step + 1) * config["batch_size"] / seconds, 1),
-                      **{k: (sums[k] / counts[k] if counts[k] else None) for k in sums}}
+                      **{k: (sums[k] / counts[k] if counts[k] else None) for k in sums},
+                      **({"steps": step + 1, "of_steps": steps_per_epoch} if partial else {})}
             log.append(record)
             say(json.dumps(record))
-            if rank == 0:  # the plain module's state: the same keys with or without DDP
+            # a partial epoch is in the weights file's log, never in a checkpoint: a resumed run
+            # starts from the last whole epoch, so no part of an epoch is skipped
+            if rank == 0 and not partial:  # the plain module's state: the same keys with or without DDP
                 save_checkpoint(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                                   "epoch": epoch + 1, "config": config, "n_bands": bands,
                                                   "scene_fingerprint": fingerprint,

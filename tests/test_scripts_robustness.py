@@ -477,6 +477,26 @@ def test_sigterm_keeps_checkpoint_and_resume_finishes(env, tmp_path):
     assert [r["epoch"] for r in meta["log"]] == list(range(1, done + 2))
 
 
+def test_max_steps_cut_epoch_is_logged_as_partial_and_never_checkpointed(env, inproc_cwd, capsys):
+    """576 pixels, batch 32: 18 steps an epoch. Stopping after 20 steps ends epoch 2 at step 2:
+    the checkpoint stays at epoch 1, so resuming reruns epoch 2 whole instead of skipping 16 steps."""
+    args = custom(env["a"], inproc_cwd / "cache") + TINY + ["--out_name=cut"]
+    code, _, err = run_inproc(pretrain_main, args + ["--max_steps=20"], capsys)
+    assert code == 0, err
+    from utils.checkpoint import read_encoder_file
+    log = read_encoder_file("weights/custom/cut.safetensors")[1]["log"]
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert "steps" not in log[0] and (log[1]["steps"], log[1]["of_steps"]) == (2, 18)
+    state = load_checkpoint("runs/custom/cut/checkpoint.pt")
+    assert state["epoch"] == 1 and len(json.loads(state["log"])) == 1
+    assert len(Path("runs/custom/cut/log.txt").read_text().splitlines()) == 1
+    code, out, err = run_inproc(pretrain_main, args, capsys)  # --epochs=2, no step limit
+    assert code == 0, err
+    assert "resumed from runs/custom/cut/checkpoint.pt at epoch 1" in out
+    log = read_encoder_file("weights/custom/cut.safetensors")[1]["log"]
+    assert [r["epoch"] for r in log] == [1, 2] and "steps" not in log[1]
+
+
 def test_resumed_run_is_bit_identical(env, inproc_cwd, capsys):
     """E epochs in one go == k epochs, then resumed to E (CPU, fixed seed): every tensor equal."""
     args = custom(env["a"], inproc_cwd / "cache") + [
