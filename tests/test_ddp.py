@@ -121,7 +121,8 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     np.save(tmp_path / "cube.npy", cube)
     np.save(tmp_path / "gt.npy", gt)
     args = ["--dataset=custom", f"--cube={tmp_path / 'cube.npy'}", f"--gt={tmp_path / 'gt.npy'}", "--layout=HWB",
-            "--preset=small", "--patch_size=5", "--batch_size=16", "--epochs=1", "--max_steps=2", "--threads=1",
+            # 400 pixels, batch 200: one whole epoch of 2 steps, so it is checkpointed
+            "--preset=small", "--patch_size=5", "--batch_size=200", "--epochs=1", "--max_steps=2", "--threads=1",
             "--negatives=pcl+nsmm", "--pseudo_k=3", "--n_hard=4", "--n_easy=4", f"--cache_dir={tmp_path / 'cache'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
