@@ -68,7 +68,7 @@ device = "auto"             # auto = CUDA when present, else CPU
 amp = True                  # bf16 autocast on CUDA (ignored on CPU)
 threads = 0                 # CPU threads for torch; 0 = torch's default
 low_memory = False          # recompute activations in backward: same numbers, about a third of the peak
-                            # memory of --preset=paper on CPU, about 0.6x the speed (docs/BENCHMARKS.md)
+                            # memory of --preset=paper on CPU, about half the speed (docs/BENCHMARKS.md)
 # output
 out_name = ""               # weights/<dataset>/<out_name>.safetensors; "" = encoder
 run_dir = ""                # checkpoints and logs; "" = runs/<dataset>/<out_name>
@@ -229,7 +229,9 @@ SHARE = (lambda v: 0 <= v <= 1, "a number in [0, 1]")
 RANGES = {  # settings whose values outside these ranges would give NaN losses or a traceback
     "patch_size": (lambda v: v >= 5 and v % 2 == 1, "an odd number >= 5"),
     "temperature": POSITIVE, "pcl_a": POSITIVE, "pcl_b": POSITIVE,
-    "n_hard": NON_NEGATIVE, "n_easy": NON_NEGATIVE, "pseudo_k": NON_NEGATIVE,
+    "n_hard": NON_NEGATIVE, "n_easy": NON_NEGATIVE,
+    "pseudo_k": (lambda v: v == 0 or v >= 2, "0 (the class count) or an integer >= 2: one cluster would "
+                 "let NSMM eliminate every negative"),
     "pseudo_pca": (lambda v: v >= 1, "an integer >= 1"),
     "slic_pixels_per_segment": (lambda v: v >= 1, "an integer >= 1"),
     "slic_compactness": POSITIVE, "slic_sigma": NON_NEGATIVE,
@@ -250,13 +252,10 @@ def main(argv):
         raise UserError("give --weighting (the first paper's shorthand) or --negatives, not both")
     config = resolve_negatives(config)
     check_ranges(config, RANGES)
-    if "nsmm" in config["negatives"]:  # else every negative is masked out: a zero loss, nothing learnt
-        if config["n_hard"] + config["n_easy"] < 1:
-            raise UserError(f"--negatives={config['negatives']} keeps n_hard + n_easy negatives per anchor; "
-                            f"--n_hard={config['n_hard']} --n_easy={config['n_easy']} keeps none")
-        if config["pseudo_k"] == 1:
-            raise UserError("--pseudo_k=1 puts every pixel in one cluster, so NSMM eliminates every negative; "
-                            "pass 0 (the class count) or >= 2")
+    if "nsmm" in config["negatives"] and config["n_hard"] + config["n_easy"] < 1:  # else a zero loss
+        raise UserError(f"--negatives={config['negatives']} keeps n_hard + n_easy negatives per anchor; "
+                        f"--n_hard={config['n_hard']} --n_easy={config['n_easy']} keeps none: pass --n_hard "
+                        f"and/or --n_easy >= 1 (defaults {n_hard} and {n_easy})")
     out_name = config["out_name"] or "encoder"
     weights_path = Path("weights") / config["dataset"] / f"{out_name}.safetensors"
     run_dir = Path(config["run_dir"] or Path("runs") / config["dataset"] / out_name)

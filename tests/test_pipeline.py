@@ -147,6 +147,24 @@ def test_map_png_has_scene_size_and_only_palette_colours(toy, capsys):
     assert csv[0].startswith("class,name,train,test") and len(csv) == 4
 
 
+def test_finetune_writes_no_map_when_a_later_seed_fails(toy, capsys, monkeypatch):
+    """The first seed's maps are written with the results, after every seed ran: an error at the
+    second seed leaves no output file (the README's promise for any refused run)."""
+    real_split = finetune.make_split
+
+    def split_failing_at_seed_1(gt, kind, per_class, seed, *args):
+        if seed == 1:
+            raise UserError("seed 1 cannot be split")
+        return real_split(gt, kind, per_class, seed, *args)
+
+    monkeypatch.setattr(finetune, "make_split", split_failing_at_seed_1)
+    with pytest.raises(UserError, match="seed 1 cannot be split"):
+        finetune.main(toy + ["--method=svm", "--train_per_class=5", "--seeds=0,1"])
+    assert not Path("results").exists() or not any(Path("results").rglob("*"))
+    finetune.main(toy + ["--method=svm", "--train_per_class=5", "--seeds=0,2"])  # the same run, no failure
+    assert Path("results/custom/svm_baseline_random_5pc_map.png").exists()
+
+
 def test_table_command_on_a_synthetic_scene(toy, capsys, monkeypatch):
     from utils import table
     # The table command pretrains with its own settings; keep them tiny.

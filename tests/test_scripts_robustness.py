@@ -308,8 +308,9 @@ def test_known_scene_missing_without_download(inproc_cwd, capsys):
     (pretrain_main, ["--batch_size=1"], ["--batch_size=1", ">= 2"]),
     (pretrain_main, ["--weighting=pcl", "--negatives=all"], ["--weighting", "--negatives", "not both"]),
     (pretrain_main, ["--lr=inf"], ["--lr=inf", "> 0"]),  # infinite values fail every range
-    (pretrain_main, ["--negatives=nsmm", "--n_hard=0", "--n_easy=0"], ["--n_hard=0 --n_easy=0", "keeps none"]),
-    (pretrain_main, ["--negatives=pcl+nsmm", "--pseudo_k=1"], ["--pseudo_k=1", "one cluster"]),
+    (pretrain_main, ["--negatives=nsmm", "--n_hard=0", "--n_easy=0"], ["--n_hard=0 --n_easy=0", "keeps none",
+                                                                       "--n_easy >= 1"]),
+    (pretrain_main, ["--negatives=pcl+nsmm", "--pseudo_k=1"], ["--pseudo_k=1", "0 (the class count)", "one cluster"]),
     (finetune, ["--finetune_lr=inf"], ["--finetune_lr=inf", "> 0"]),
     (finetune, ["--finetune_batch_size=1"], ["--finetune_batch_size=1", "BatchNorm"]),
     (finetune, ["--finetune_epochs=0"], ["--finetune_epochs=0", ">= 1"]),
