@@ -221,10 +221,15 @@ def summarise(runs, n_classes):
     for key in ("oa", "aa", "kappa"):
         values = np.array([r["scores"][key] for r in runs])
         summary[key] = {"mean": float(values.mean()), "std": float(values.std())}
+    # (seeds, K); a class with no test pixel under a seed's split has no accuracy there
     per_class = np.array([[np.nan if a is None else a for a in r["scores"]["per_class_accuracy"]] for r in runs])
-    with np.errstate(all="ignore"):
-        summary["per_class_accuracy"] = {"mean": np.nanmean(per_class, 0).tolist(),
-                                         "std": np.nanstd(per_class, 0).tolist()}
+    scored = ~np.isnan(per_class)
+    count = scored.sum(0)                                                  # (K,) seeds that scored it
+    mean = np.where(scored, per_class, 0).sum(0) / np.maximum(count, 1)
+    var = np.where(scored, (per_class - mean) ** 2, 0).sum(0) / np.maximum(count, 1)
+    never = count == 0                                                     # NaN (null in JSON), no warning
+    summary["per_class_accuracy"] = {"mean": np.where(never, np.nan, mean).tolist(),
+                                     "std": np.where(never, np.nan, np.sqrt(var)).tolist()}
     return summary
 
 

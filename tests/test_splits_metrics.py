@@ -139,3 +139,22 @@ def test_result_json_is_strict(tmp_path):
     text = path.read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"kappa": None, "runs": [{"oa": 0.5, "x": [None, 1.0]}]}
+
+
+def test_summary_over_seeds_skips_unscored_classes_without_warnings():
+    """Class 2 has no test pixel under seed 1's split, class 3 under no split: the mean and std
+    of class 2 are over the seeds that scored it, class 3's are NaN (null in the JSON), and
+    no RuntimeWarning reaches the user's terminal (np.nanmean used to print 'Mean of empty slice')."""
+    import warnings
+
+    from finetune import summarise
+
+    runs = [{"scores": {"oa": 0.9, "aa": 0.8, "kappa": 0.7, "per_class_accuracy": [1.0, 0.5, None]}},
+            {"scores": {"oa": 0.7, "aa": 0.6, "kappa": 0.5, "per_class_accuracy": [0.5, None, None]}}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summary = summarise(runs, 3)
+    assert summary["oa"] == pytest.approx({"mean": 0.8, "std": 0.1})
+    mean, std = summary["per_class_accuracy"]["mean"], summary["per_class_accuracy"]["std"]
+    assert mean[:2] == pytest.approx([0.75, 0.5]) and std[:2] == pytest.approx([0.25, 0.0])
+    assert np.isnan(mean[2]) and np.isnan(std[2])
