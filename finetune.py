@@ -52,6 +52,9 @@ save_map = True             # full-scene map PNG (first seed)
 batch_size = 512            # inference batch (bounds memory on any scene size)
 device = "auto"
 threads = 0
+amp = True                  # bf16 autocast on CUDA while fine-tuning (protocol=finetune, supervised)
+cpu_amp = False             # the same on the CPU: only CPUs with bf16 arithmetic (AVX512-BF16 or AMX); about
+                            # 1.5x faster paper-preset steps there, rounds differently (docs/BENCHMARKS.md)
 # -------------------------------------------------------------------------
 SETTINGS = [k for k in list(globals()) if not k.startswith("_") and k[0].islower()
             and isinstance(globals()[k], (bool, int, float, str))]
@@ -67,7 +70,7 @@ from models.encoder import PCLEncoder, PRESETS, build_encoder          # noqa: E
 from utils.baselines import fit_svm, pca_window_features, spectral_features  # noqa: E402
 from utils.checkpoint import git_commit, load_encoder                  # noqa: E402
 from utils.config import check_ranges, format_config, resolve_config   # noqa: E402
-from utils.device import pick_device, set_allocator_policy          # noqa: E402
+from utils.device import autocast_for, pick_device, set_allocator_policy  # noqa: E402
 from utils.errors import UserError, run_main                           # noqa: E402
 from utils.fileio import write_json, write_text                        # noqa: E402
 from utils.maps import save_comparison_png, save_map_png               # noqa: E402
@@ -192,7 +195,8 @@ class Evaluator:
         model = TwoHeadClassifier(encoder, self.scene.n_classes).to(self.device)
         augment = (lambda x, g: random_views(x, g)) if self.method == "supervised" else None
         train_classifier(model, self.cutter, train, labels, cfg["finetune_epochs"], cfg["finetune_batch_size"],
-                         cfg["finetune_lr"], lr_scale, seed=seed, augment=augment)
+                         cfg["finetune_lr"], lr_scale, seed=seed, augment=augment,
+                         autocast=autocast_for(self.device, cfg["amp"], cfg["cpu_amp"]))
         pixels = []  # the trained model's pixel map, made on the first prediction
 
         def predict(idx):
@@ -276,6 +280,7 @@ def main(argv):
     if config["threads"] > 0:
         torch.set_num_threads(config["threads"])
     device = pick_device(config["device"])
+    autocast_for(device, config["amp"], config["cpu_amp"])  # refuses --cpu_amp=true here before any work
     set_allocator_policy(device, low_memory=False)  # reuse freed activations (speed; docs/BENCHMARKS.md)
     budget = f"r{config['train_ratio']:g}" if config["train_ratio"] > 0 else f"{config['train_per_class']}pc"
     protocol = config["protocol"] if config["method"] in ENCODER_METHODS else "baseline"

@@ -17,7 +17,6 @@ import json
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +65,9 @@ weight_decay = 5e-4
 seed = 0
 device = "auto"             # auto = CUDA when present, else CPU
 amp = True                  # bf16 autocast on CUDA (ignored on CPU)
+cpu_amp = False             # bf16 autocast on the CPU too: only CPUs with bf16 arithmetic (AVX512-BF16 or
+                            # AMX); about 1.5x faster paper-preset steps there, rounds differently from
+                            # float32 (docs/BENCHMARKS.md)
 threads = 0                 # CPU threads for torch; 0 = torch's default
 low_memory = False          # recompute activations in backward: same numbers, about a third of the peak
                             # memory of --preset=paper on CPU, about half the speed (docs/BENCHMARKS.md)
@@ -91,7 +93,7 @@ from models.negatives import MODES, batch_pcl_weights, negative_weights  # noqa:
 from utils.checkpoint import git_commit, load_checkpoint, save_checkpoint, save_encoder  # noqa: E402
 from utils import distributed                                         # noqa: E402
 from utils.config import check_ranges, format_config, resolve_config  # noqa: E402
-from utils.device import fused_adam, pick_device, set_allocator_policy  # noqa: E402
+from utils.device import autocast_for, fused_adam, pick_device, set_allocator_policy  # noqa: E402
 from utils.errors import UserError, run_main                          # noqa: E402
 from utils.fileio import atomic_path, write_json, write_text          # noqa: E402
 
@@ -126,9 +128,8 @@ def save_pseudolabel_map(path, labels):
 
 # Settings that may differ between a run and its resumption: they change where things go,
 # how long to train or how fast, not what an epoch computes.
-RESUME_FREE = ("weighting", "epochs", "max_steps", "resume", "threads", "device", "amp", "low_memory", "out_name",
-               "run_dir",
-               "cache_dir", "data_dir", "download", "cube", "gt", "class_names", "layout")
+RESUME_FREE = ("weighting", "epochs", "max_steps", "resume", "threads", "device", "amp", "cpu_amp", "low_memory",
+               "out_name", "run_dir", "cache_dir", "data_dir", "download", "cube", "gt", "class_names", "layout")
 
 
 def resume_from(path, model, optimizer, config, bands, fingerprint):
@@ -269,6 +270,7 @@ def main(argv):
         raise UserError(f"--batch_size={config['batch_size']} over {world} processes leaves one anchor per process; "
                         f"BatchNorm needs two: pass at least {2 * world}")
     rank, world, device = distributed.setup(pick_device(config["device"]))
+    autocast = autocast_for(device, config["amp"], config["cpu_amp"])   # checked before any work
     say = print if rank == 0 else (lambda *args, **kwargs: None)  # only rank 0 reports
     say(f"pretrain_main.py  commit {git_commit()}  device {device}  torch {torch.__version__}")
     say(format_config(config))
@@ -331,8 +333,6 @@ def main(argv):
     # fused: one kernel over all parameters (paper preset on CPU: 13 ms a step, 53 ms unfused)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"],
                                  fused=fused_adam(device))
-    use_amp = device.type == "cuda" and config["amp"]
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
 
     start_epoch, log = 0, []
     checkpoint_path = run_dir / "checkpoint.pt"

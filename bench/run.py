@@ -9,7 +9,7 @@ repeats after `warmup` (CUDA is synchronised around each timed part).
     python -m bench.run --dataset=SalinasA --preset=paper --reference=true   # literal reference forms
     python -m bench.run --dataset=PaviaU --preset=small --parts=inference     # bounded-memory map
 
-Writes JSON to --out (default bench/results/<dataset>_<preset>_<device>[_reference][_low_memory].json)
+Writes JSON to --out (default bench/results/<dataset>_<preset>_<device>[_reference][_low_memory][_cpu_amp].json)
 and prints its path on the last line.
 """
 import os
@@ -22,7 +22,6 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ classes = 0                 # 0 = the scene's class count
 preset = "small"            # encoder preset: paper | small
 reference = False           # true: the encoder's literal reference forms (set_fast(False))
 low_memory = False          # true: pretraining with PCLEncoder.set_low_memory (recompute in backward)
+cpu_amp = False             # true: bf16 autocast on the CPU in pretraining and fine-tuning (as the scripts' --cpu_amp)
 keep_freed_memory = True    # fast form: the scripts' utils.device.keep_freed_memory; false: glibc's defaults
 patch_size = 15
 negatives = "pcl"           # pretraining negatives: all | pcl | nsmm | pcl+nsmm
@@ -50,7 +50,7 @@ labelled_share = 0.25       # share of the scene's blocks that carry a class lab
 device = "auto"
 threads = 0                 # torch CPU threads; 0 = torch's default
 seed = 0
-out = ""                    # "" = bench/results/<dataset>_<preset>_<device>[_reference][_low_memory].json
+out = ""                    # "" = bench/results/<dataset>_<preset>_<device>[_reference][_low_memory][_cpu_amp].json
 # -------------------------------------------------------------------------
 SETTINGS = [k for k in list(globals()) if not k.startswith("_") and k[0].islower()
             and isinstance(globals()[k], (bool, int, float, str))]
@@ -68,7 +68,7 @@ from models.encoder import PCLEncoder, PRESETS, SmallMapConv2d, count_parameters
 from models.negatives import MODES                                    # noqa: E402
 from utils.checkpoint import save_encoder                             # noqa: E402
 from utils.config import format_config, resolve_config                # noqa: E402
-from utils.device import fused_adam, pick_device, set_allocator_policy  # noqa: E402
+from utils.device import autocast_for, fused_adam, pick_device, set_allocator_policy  # noqa: E402
 from utils.errors import UserError, run_main                          # noqa: E402
 from utils.fileio import write_json                                   # noqa: E402
 
@@ -203,8 +203,7 @@ def bench_pretrain(config, cutter, spectra_t, pseudo_t, labels_t, device, n_band
         set_allocator_policy(device, config["low_memory"], config["keep_freed_memory"])
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
                                  fused=not config["reference"] and fused_adam(device))
-    use_amp = device.type == "cuda" and cfg["amp"]
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
+    autocast = autocast_for(device, cfg["amp"], config["cpu_amp"])
     order_gen = torch.Generator().manual_seed(config["seed"])
     view_gen = torch.Generator().manual_seed(config["seed"] + 1)
     mine_gen = torch.Generator().manual_seed(config["seed"] + 2)
@@ -258,7 +257,8 @@ def bench_finetune(config, encoder, cutter, gt, n_classes, device, log):
     sync()
     start = time.perf_counter()
     train_classifier(model, cutter, idx, gt.ravel()[idx], epochs=1, batch_size=batch, seed=config["seed"],
-                     on_step=on_step, fused=False if config["reference"] else None)  # reference: default Adam
+                     on_step=on_step, fused=False if config["reference"] else None,  # reference: default Adam
+                     autocast=autocast_for(device, finetune.amp, config["cpu_amp"]))
     if len(ends) != n_steps:
         raise RuntimeError(f"fine-tuning ran {len(ends)} steps, expected {n_steps}")
     times = list(np.diff([start] + ends)[config["warmup"]:])
@@ -333,6 +333,7 @@ def main(argv, log=print):
     if config["threads"] > 0:
         torch.set_num_threads(config["threads"])
     device = pick_device(config["device"])
+    autocast_for(device, True, config["cpu_amp"])  # refuses --cpu_amp=true on a CPU without bf16, before any work
     h, w, b, k = scene_size(config)
     name = device_name(device)
     log(f"bench.run  device {device} ({name})  torch {torch.__version__}  threads {torch.get_num_threads()}")
@@ -400,7 +401,8 @@ def main(argv, log=print):
     log(f"  peak RSS {result['peak_rss_mb']:.0f} MB"
         + (f", CUDA max allocated {result['cuda_max_allocated_mb']:.0f} MB" if device.type == "cuda" else ""))
 
-    suffix = ("_reference" if config["reference"] else "") + ("_low_memory" if config["low_memory"] else "")
+    suffix = ("_reference" if config["reference"] else "") + ("_low_memory" if config["low_memory"] else "") \
+        + ("_cpu_amp" if config["cpu_amp"] else "")
     path = Path(config["out"] or Path("bench") / "results" /
                 f"{config['dataset']}_{config['preset']}_{device.type}{suffix}.json")
     write_json(path, result)

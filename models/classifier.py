@@ -1,4 +1,6 @@
 """Classifiers on top of the encoder: the frozen linear probe and the authors' fine-tuning recipe."""
+from contextlib import nullcontext
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -74,7 +76,7 @@ class TwoHeadClassifier(nn.Module):
 
 def train_classifier(model, cutter, train_index, train_labels, epochs=100, batch_size=64, lr=1e-3,
                      backbone_lr_scale=0.01, weight_decay=0.0, seed=0, augment=None, on_step=None,
-                     fused=None):
+                     fused=None, autocast=nullcontext):
     """Fine-tune encoder and heads with class-weighted cross-entropy on both branches.
 
     train_index: (M,) flat pixel indices; train_labels: (M,) in 1..K. Heads at `lr`, the encoder
@@ -82,6 +84,8 @@ def train_classifier(model, cutter, train_index, train_labels, epochs=100, batch
     on_step: optional callable, called with no arguments after each optimiser step (the
     benchmark times steps with it). fused: torch's fused Adam (None: where it runs, see
     utils.device.fused_adam; the benchmark's reference form passes False, torch's default).
+    autocast: no-argument callable giving the forward pass's context (utils.device.autocast_for);
+    the losses are float32 either way.
     """
     device = cutter.padded.device
     labels = torch.as_tensor(np.asarray(train_labels) - 1, device=device)
@@ -103,8 +107,9 @@ def train_classifier(model, cutter, train_index, train_labels, epochs=100, batch
             x = cutter(index[batch])
             if augment is not None:
                 x = augment(x, gen)
-            g, l = model(x)
-            y = labels[batch]
+            with autocast():
+                g, l = model(x)
+            g, l, y = g.float(), l.float(), labels[batch]
             loss = F.cross_entropy(g, y, weight=class_weight) + F.cross_entropy(l, y, weight=class_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -79,3 +79,29 @@ def release_freed_memory(threshold_bytes=1 << 20):
     keeps peak RSS near what is alive (docs/BENCHMARKS.md), at the cost of more page faults.
     """
     return _mallopt((M_MMAP_MAX, 65536), (M_MMAP_THRESHOLD, threshold_bytes))
+
+
+def cpu_has_bf16():
+    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX), which oneDNN uses for bf16
+    convolutions and matmuls; without it bf16 is emulated and slower than float32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def autocast_for(device, amp, cpu_amp):
+    """A no-argument callable returning the forward pass's autocast context (or a null one).
+
+    amp: bf16 autocast on CUDA. cpu_amp: bf16 autocast on the CPU, for CPUs with bf16
+    arithmetic only (cpu_has_bf16; refused otherwise, as emulated bf16 is slower than float32).
+    Losses and optimiser states stay float32 either way; bf16 rounds differently, so a run
+    with it does not reproduce a float32 run's digits.
+    """
+    from contextlib import nullcontext
+    if device.type == "cuda" and amp:
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and cpu_amp:
+        if not cpu_has_bf16():
+            raise UserError("--cpu_amp=true: this CPU has no bf16 arithmetic (AVX512-BF16 or AMX), so bf16 "
+                            "would be emulated and slower than float32; leave --cpu_amp=false")
+        return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext

@@ -40,7 +40,8 @@ def weights_path(cfg, method):
 
 # settings that do not change what a run computes (where files are, devices, logging)
 PRETRAIN_FREE = set(pretrain_main.RESUME_FREE) - {"epochs", "max_steps"}  # a cut-short run is not the same encoder
-FINETUNE_FREE = {"data_dir", "download", "device", "threads", "results_dir", "save_map", "batch_size", "name"}
+FINETUNE_FREE = {"data_dir", "download", "device", "threads", "amp", "cpu_amp", "results_dir", "save_map",
+                 "batch_size", "name"}
 
 
 def changed_settings(stored, expected, free):
