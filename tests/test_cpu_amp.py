@@ -102,3 +102,17 @@ def test_finetuning_with_cpu_amp_trains_in_bf16_and_predicts_in_float32(toy, mon
     assert training and all(training)            # every training forward under bf16 autocast
     assert predicting and not any(predicting)    # features and predictions in float32
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("OA ")
+
+
+def test_pretraining_with_cpu_amp_is_reproducible(toy, monkeypatch, capsys):
+    """Same seed, same threads, bf16 autocast: the same weights, bit for bit, run after run."""
+    from utils.checkpoint import load_encoder
+    from models.encoder import build_encoder
+
+    monkeypatch.setattr(device_module, "cpu_has_bf16", lambda: True)
+    for name in ("a", "b"):
+        pretrain_main.main(toy + TINY + ["--epochs=1", "--max_steps=2", "--cpu_amp=true", f"--out_name={name}"])
+    first, _ = load_encoder(Path("weights/custom/a.safetensors"), build_encoder)
+    second, _ = load_encoder(Path("weights/custom/b.safetensors"), build_encoder)
+    for (key, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), key
