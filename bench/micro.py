@@ -16,8 +16,9 @@ Prints, min and median over 5 timed repeats after one warm-up:
   (512, 4, 25, 32); channel: (512, 4, 32, 25)), F.scaled_dot_product_attention against
   the written-out softmax(q k^T s) v, forward + backward and forward alone (no autograd);
 - one Adam step over the paper encoder's parameters, torch's default and fused;
-- a 4096 x 4096 x 4096 float32 matmul: the GFLOP/s this CPU sustains in the best case (the
-  roof the model's achieved GFLOP/s in bench.run is compared with).
+- a 4096 x 4096 x 4096 matmul in float32 and in bf16: the GFLOP/s this CPU sustains in the best
+  case (the roofs the model's achieved GFLOP/s in bench.run is compared with; bf16 is emulated,
+  and slow, on CPUs without bf16 arithmetic).
 """
 import os
 import sys
@@ -115,10 +116,11 @@ def main(argv):
         print(f"  Adam step, 13.5M parameters, fused={fused!s:5s}     "
               f"min {best * 1e3:6.0f} ms  median {median * 1e3:6.0f} ms")
     del encoder, adam
-    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
-    best, median = timed(lambda: a @ b)
-    print(f"  matmul 4096^3 float32                         min {best * 1e3:6.0f} ms  median {median * 1e3:6.0f} ms"
-          f"  ({2 * 4096 ** 3 / best / 1e9:.0f} GFLOP/s at the min)")
+    for dtype in (torch.float32, torch.bfloat16):  # bf16: the roof --cpu_amp runs under
+        a, b = torch.randn(4096, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
+        best, median = timed(lambda: a @ b)
+        print(f"  matmul 4096^3 {str(dtype)[6:]:8s}                      min {best * 1e3:6.0f} ms  "
+              f"median {median * 1e3:6.0f} ms  ({2 * 4096 ** 3 / best / 1e9:.0f} GFLOP/s at the min)")
 
 
 if __name__ == "__main__":
