@@ -54,8 +54,9 @@ tests check the two agree in outputs, gradients and BatchNorm statistics):
   act on each pixel alone, so a scene's map is computed once per pixel and cut into
   patches (`features(x, pixel)`), not once per patch containing the pixel (P^2 times).
 `set_low_memory` (training, same numbers): the CPU stem keeps only its input and
-BatchNorm statistics and recomputes each layer in backward, and each transformer block
-reruns in backward (activation checkpointing; blocks have no BatchNorm).
+BatchNorm statistics and recomputes each layer in backward (float32 only: under CPU bf16
+autocast, `--cpu_amp`, the stem runs through autograd), and each transformer block reruns in
+backward (activation checkpointing; blocks have no BatchNorm).
 """
 import functools
 import numbers
@@ -578,6 +579,7 @@ class GlobalBranch(nn.Module):
         # the stacks' first 1x1 convs read the same wide input: run them as one conv
         w = torch.cat([stack.reduce[0].weight for stack in self.stacks])  # (S*dim/4, C*B', 1, 1)
         plain_bn = all(type(layer.bn) is SpectralBatchNorm for layer in self.stem.layers)
+        # under CPU bf16 autocast (--cpu_amp) autograd's bf16 stem is faster than this float32 Function
         if x.device.type == "cpu" and plain_bn and not torch.is_autocast_enabled("cpu"):
             r = stem_reduce_cpu(self.stem, w, x)  # (N, S*dim/4, H, W), less memory kept for backward
         else:
