@@ -135,6 +135,23 @@ def spectral_conv3d(x, weight, stride, padding):
     return F.conv3d(x, weight, stride=(stride, 1, 1), padding=(padding, 0, 0))
 
 
+class _ChannelsLastCopy(torch.autograd.Function):
+    """x.contiguous(channels_last) whose gradient comes back contiguous (NCHW), as x was.
+
+    Autograd's copy hands the conv's channels-last gradient straight to the NCHW ReLU and
+    BatchNorm backward before it, whose kernels then read two layouts at once (slow, in bf16
+    most of all); one copy back to NCHW is cheaper.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 class SpectralConvBN(nn.Module):
     """Conv3d with kernel (k, 1, 1) over bands, BatchNorm, ReLU.
 
@@ -166,7 +183,7 @@ class SpectralConvBN(nn.Module):
             # and loses ~1e-3 relative accuracy over ~1e6 values per channel)
             cpu = x.device.type == "cpu"
             if cpu:
-                x = x.contiguous(memory_format=torch.channels_last)
+                x = _ChannelsLastCopy.apply(x)
             x = F.conv2d(x, self.conv.weight.squeeze(-1), stride=(self.stride, 1),
                          padding=(self.padding, 0))  # (N, C_out, B', H*W)
             if cpu:

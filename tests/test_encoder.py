@@ -472,3 +472,21 @@ def test_fast_stem_when_its_input_and_a_layer_output_have_the_same_size():
         ((out["global_z"] * w).sum() + out["local_z"][:, 0].sum()).backward()
     assert fast.global_branch.stem.layers[0].conv.weight.grad.abs().max() > 1e-3
     assert_grads_close(fast, ref)
+
+
+def test_channels_last_copy_hands_back_an_nchw_gradient():
+    """The spectral convs' channels-last input copy returns its gradient in x's own (NCHW)
+    layout, so the ReLU and BatchNorm backward before it read one layout; same values."""
+    from models.encoder import _ChannelsLastCopy
+
+    g = torch.randn(2, 3, 5, 4).contiguous(memory_format=torch.channels_last)  # as a conv's backward gives
+    for copy_fn, nchw in ((_ChannelsLastCopy.apply, True),
+                          (lambda t: t.contiguous(memory_format=torch.channels_last), False)):  # autograd's
+        x = torch.randn(2, 3, 5, 4, requires_grad=True)
+        h = torch.relu(x)                                    # NCHW, as the BatchNorm + ReLU output
+        seen = []
+        h.register_hook(lambda grad: seen.append(grad))      # the gradient the ReLU backward receives
+        y = copy_fn(h)
+        assert y.is_contiguous(memory_format=torch.channels_last) and torch.equal(y, h)
+        y.backward(g)
+        assert torch.equal(seen[0], g) and seen[0].is_contiguous() == nchw
