@@ -13,6 +13,7 @@ import os
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 import hashlib
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +53,9 @@ save_map = True             # full-scene map PNG (first seed)
 batch_size = 512            # inference batch (bounds memory on any scene size)
 device = "auto"
 threads = 0
-amp = True                  # bf16 autocast on CUDA while fine-tuning (protocol=finetune, supervised)
-cpu_amp = False             # the same on the CPU: only CPUs with bf16 arithmetic (AVX512-BF16 or AMX); about
-                            # 1.5x faster paper-preset steps there, rounds differently (docs/BENCHMARKS.md)
+amp = False                 # bf16 autocast on CUDA while training the encoder (protocol=finetune, supervised)
+cpu_amp = False             # the same on the CPU: only CPUs with bf16 arithmetic (AVX512-BF16 or AMX); 1.3x
+                            # to 1.5x faster paper-preset steps there, rounds differently (docs/BENCHMARKS.md)
 # -------------------------------------------------------------------------
 SETTINGS = [k for k in list(globals()) if not k.startswith("_") and k[0].islower()
             and isinstance(globals()[k], (bool, int, float, str))]
@@ -70,7 +71,7 @@ from models.encoder import PCLEncoder, PRESETS, build_encoder          # noqa: E
 from utils.baselines import fit_svm, pca_window_features, spectral_features  # noqa: E402
 from utils.checkpoint import git_commit, load_encoder                  # noqa: E402
 from utils.config import check_ranges, format_config, resolve_config   # noqa: E402
-from utils.device import autocast_for, pick_device, set_allocator_policy  # noqa: E402
+from utils.device import autocast_for, check_cpu_amp, pick_device, set_allocator_policy  # noqa: E402
 from utils.errors import UserError, run_main                           # noqa: E402
 from utils.fileio import write_json, write_text                        # noqa: E402
 from utils.maps import save_comparison_png, save_map_png               # noqa: E402
@@ -225,15 +226,12 @@ def summarise(runs, n_classes):
     for key in ("oa", "aa", "kappa"):
         values = np.array([r["scores"][key] for r in runs])
         summary[key] = {"mean": float(values.mean()), "std": float(values.std())}
-    # (seeds, K); a class with no test pixel under a seed's split has no accuracy there
+    # (seeds, K); a class with no test pixel under a seed's split has no accuracy (NaN) there
     per_class = np.array([[np.nan if a is None else a for a in r["scores"]["per_class_accuracy"]] for r in runs])
-    scored = ~np.isnan(per_class)
-    count = scored.sum(0)                                                  # (K,) seeds that scored it
-    mean = np.where(scored, per_class, 0).sum(0) / np.maximum(count, 1)
-    var = np.where(scored, (per_class - mean) ** 2, 0).sum(0) / np.maximum(count, 1)
-    never = count == 0                                                     # NaN (null in JSON), no warning
-    summary["per_class_accuracy"] = {"mean": np.where(never, np.nan, mean).tolist(),
-                                     "std": np.where(never, np.nan, np.sqrt(var)).tolist()}
+    with warnings.catch_warnings():  # a class no seed scored is NaN (null in the JSON), not a console warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        summary["per_class_accuracy"] = {"mean": np.nanmean(per_class, 0).tolist(),
+                                         "std": np.nanstd(per_class, 0).tolist()}
     return summary
 
 
@@ -280,7 +278,7 @@ def main(argv):
     if config["threads"] > 0:
         torch.set_num_threads(config["threads"])
     device = pick_device(config["device"])
-    autocast_for(device, config["amp"], config["cpu_amp"])  # refuses --cpu_amp=true here before any work
+    check_cpu_amp(device, config["cpu_amp"])  # before any work
     set_allocator_policy(device, low_memory=False)  # reuse freed activations (speed; docs/BENCHMARKS.md)
     budget = f"r{config['train_ratio']:g}" if config["train_ratio"] > 0 else f"{config['train_per_class']}pc"
     protocol = config["protocol"] if config["method"] in ENCODER_METHODS else "baseline"
@@ -288,6 +286,10 @@ def main(argv):
     out_dir = Path(config["results_dir"]) / config["dataset"]
     print(f"finetune.py  commit {git_commit()}  device {device}  torch {torch.__version__}")
     print(format_config(config))
+    trains_encoder = config["method"] == "supervised" or protocol == "finetune"
+    if config["cpu_amp"] and device.type == "cpu" and not trains_encoder:
+        print(f"note: --cpu_amp applies to training the encoder (--protocol=finetune, --method=supervised); "
+              f"this run ({config['method']}, {protocol}) trains none and runs in float32")
 
     t_start = time.time()
     scene = load_scene(config["dataset"], config["data_dir"], config["download"], config["cube"],

@@ -93,7 +93,7 @@ from models.negatives import MODES, batch_pcl_weights, negative_weights  # noqa:
 from utils.checkpoint import git_commit, load_checkpoint, save_checkpoint, save_encoder  # noqa: E402
 from utils import distributed                                         # noqa: E402
 from utils.config import check_ranges, format_config, resolve_config  # noqa: E402
-from utils.device import autocast_for, fused_adam, pick_device, set_allocator_policy  # noqa: E402
+from utils.device import autocast_for, check_cpu_amp, fused_adam, pick_device, set_allocator_policy  # noqa: E402
 from utils.errors import UserError, run_main                          # noqa: E402
 from utils.fileio import atomic_path, write_json, write_text          # noqa: E402
 
@@ -269,8 +269,10 @@ def main(argv):
     if config["batch_size"] // world < 2:
         raise UserError(f"--batch_size={config['batch_size']} over {world} processes leaves one anchor per process; "
                         f"BatchNorm needs two: pass at least {2 * world}")
-    rank, world, device = distributed.setup(pick_device(config["device"]))
-    autocast = autocast_for(device, config["amp"], config["cpu_amp"])   # checked before any work
+    device = pick_device(config["device"])
+    check_cpu_amp(device, config["cpu_amp"])  # before any work, and before joining the other processes
+    rank, world, device = distributed.setup(device)
+    autocast = autocast_for(device, config["amp"], config["cpu_amp"])
     say = print if rank == 0 else (lambda *args, **kwargs: None)  # only rank 0 reports
     say(f"pretrain_main.py  commit {git_commit()}  device {device}  torch {torch.__version__}")
     say(format_config(config))

@@ -66,9 +66,9 @@ from data.superpixels import compute_superpixels, cube_fingerprint, slic_params,
 from models.classifier import TwoHeadClassifier, train_classifier     # noqa: E402
 from models.encoder import PCLEncoder, PRESETS, SmallMapConv2d, count_parameters  # noqa: E402
 from models.negatives import MODES                                    # noqa: E402
-from utils.checkpoint import save_encoder                             # noqa: E402
+from utils.checkpoint import git_commit, save_encoder                 # noqa: E402
 from utils.config import format_config, resolve_config                # noqa: E402
-from utils.device import autocast_for, fused_adam, pick_device, set_allocator_policy  # noqa: E402
+from utils.device import autocast_for, check_cpu_amp, fused_adam, pick_device, set_allocator_policy  # noqa: E402
 from utils.errors import UserError, run_main                          # noqa: E402
 from utils.fileio import write_json                                   # noqa: E402
 
@@ -333,7 +333,7 @@ def main(argv, log=print):
     if config["threads"] > 0:
         torch.set_num_threads(config["threads"])
     device = pick_device(config["device"])
-    autocast_for(device, True, config["cpu_amp"])  # refuses --cpu_amp=true on a CPU without bf16, before any work
+    check_cpu_amp(device, config["cpu_amp"])  # before any work
     h, w, b, k = scene_size(config)
     name = device_name(device)
     log(f"bench.run  device {device} ({name})  torch {torch.__version__}  threads {torch.get_num_threads()}")
@@ -348,6 +348,7 @@ def main(argv, log=print):
     result = {"dataset": config["dataset"], "scene_shape": [h, w, b], "n_classes": k, "preset": config["preset"],
               "form": "reference" if config["reference"] else "fast", "device": str(device), "device_name": name,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
+              "commit": git_commit(),
               "config": config}
 
     t0 = time.perf_counter()

@@ -45,6 +45,8 @@ def test_bench_tiny_writes_json(tmp_path):
     assert result["inference"]["pixels"] == 16 * 16
     assert result["device_name"] and result["torch"] == torch.__version__ and result["threads"] == 1
     assert result["config"]["batch_size"] == 16 and result["form"] == "fast"
+    from utils.checkpoint import git_commit
+    assert result["commit"] == git_commit()  # which code the figures are of
 
 
 def test_bench_times_finetuning_steps_inside_one_training_run(tmp_path, monkeypatch):

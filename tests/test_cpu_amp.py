@@ -47,28 +47,36 @@ def epoch_records(out):
     return [json.loads(line) for line in out.splitlines() if line.startswith('{"epoch"')]
 
 
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
 def test_autocast_for_picks_the_context_and_refuses_emulated_bf16(monkeypatch):
-    cpu = torch.device("cpu")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert autocast_for(cpu, True, False) is nullcontext  # amp alone is for CUDA
-    assert autocast_for(torch.device("cuda"), False, True) is nullcontext  # cpu_amp does not touch CUDA
+    assert autocast_for(cuda, False, True) is nullcontext  # cpu_amp does not touch CUDA
+    on_cuda = autocast_for(cuda, True, False)()  # built, not entered: no GPU needed
+    assert on_cuda.device == "cuda" and on_cuda.fast_dtype == torch.bfloat16
     monkeypatch.setattr(device_module, "cpu_has_bf16", lambda: True)
     with autocast_for(cpu, False, True)():
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     monkeypatch.setattr(device_module, "cpu_has_bf16", lambda: False)
     with pytest.raises(UserError, match=r"--cpu_amp=true: this CPU has no bf16 arithmetic .*--cpu_amp=false"):
         autocast_for(cpu, False, True)
+    assert autocast_for(cpu, False, False) is nullcontext  # nothing asked, nothing checked
 
 
-@pytest.mark.parametrize("script", ["pretrain_main", "finetune", "bench.run"])
+@pytest.mark.parametrize("script", ["pretrain_main", "finetune", "bench.run", "utils.table"])
 def test_cpu_amp_without_bf16_is_refused_before_any_work(toy, monkeypatch, script):
     monkeypatch.setattr(device_module, "cpu_has_bf16", lambda: False)
     if script == "pretrain_main":
         run = lambda: pretrain_main.main(toy + TINY + ["--cpu_amp=true"])  # noqa: E731
     elif script == "finetune":
         run = lambda: finetune.main(toy + ["--method=svm", "--cpu_amp=true"])  # noqa: E731
-    else:
+    elif script == "bench.run":
         import bench.run
         run = lambda: bench.run.main(["--dataset=tiny", "--cpu_amp=true", "--out=b.json"], log=lambda *a: None)  # noqa: E731
+    else:  # before pretraining any encoder of the table, not at its first fine-tuned cell
+        import utils.table
+        run = lambda: utils.table.main(toy[:1] + ["--methods=pcl", "--budgets=5", "--splits=random", "--seeds=0",  # noqa: E731
+                                                  "--finetune_args=--protocol=finetune --cpu_amp=true " + " ".join(toy[1:])])
     with pytest.raises(UserError, match="no bf16 arithmetic"):
         run()
     assert sorted(p.name for p in Path(".").iterdir()) == ["toy"]  # no cache, run folder, weights or results
@@ -78,6 +86,14 @@ def test_pretraining_with_cpu_amp_runs_the_encoder_in_bf16_close_to_float32(toy,
     """Same seed, one step: the first loss (same weights, same views) differs only by bf16
     rounding, so it is close to float32's but not equal (which shows bf16 ran); the loss is float32."""
     monkeypatch.setattr(device_module, "cpu_has_bf16", lambda: True)
+    loss_inputs = []
+    original_loss = pretrain_main.weighted_nt_xent
+
+    def loss_spy(z1, z2, *args):
+        loss_inputs.append((z1.dtype, z2.dtype, torch.is_autocast_enabled("cpu")))
+        return original_loss(z1, z2, *args)
+
+    monkeypatch.setattr(pretrain_main, "weighted_nt_xent", loss_spy)
     losses = {}
     for flag in ("false", "true"):
         autocast_spy.clear()
@@ -86,6 +102,7 @@ def test_pretraining_with_cpu_amp_runs_the_encoder_in_bf16_close_to_float32(toy,
         if flag == "true":
             assert all(dtype == torch.bfloat16 for _, dtype, _ in autocast_spy)
         losses[flag] = epoch_records(capsys.readouterr().out)[-1]["loss"]
+    assert loss_inputs and all(inputs == (torch.float32, torch.float32, False) for inputs in loss_inputs)
     assert losses["true"] == pytest.approx(losses["false"], rel=2e-2)
     assert losses["true"] != losses["false"]
 
@@ -95,8 +112,18 @@ def test_finetuning_with_cpu_amp_trains_in_bf16_and_predicts_in_float32(toy, mon
     pretrain_main.main(toy + TINY + ["--epochs=1", "--max_steps=1"])
     capsys.readouterr()
     autocast_spy.clear()
+    loss_inputs = []
+    original_loss = torch.nn.functional.cross_entropy
+
+    def loss_spy(logits, *args, **kwargs):
+        loss_inputs.append((logits.dtype, torch.is_autocast_enabled("cpu")))
+        return original_loss(logits, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", loss_spy)
     finetune.main(toy + ["--protocol=finetune", "--finetune_epochs=2", "--train_per_class=5", "--cpu_amp=true",
                          "--save_map=false"])
+    assert all(dtype == torch.bfloat16 for _, dtype, is_training in autocast_spy if is_training)
+    assert loss_inputs and all(inputs == (torch.float32, False) for inputs in loss_inputs)
     training = [on for on, _, is_training in autocast_spy if is_training]
     predicting = [on for on, _, is_training in autocast_spy if not is_training]
     assert training and all(training)            # every training forward under bf16 autocast
@@ -104,15 +131,46 @@ def test_finetuning_with_cpu_amp_trains_in_bf16_and_predicts_in_float32(toy, mon
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("OA ")
 
 
-def test_pretraining_with_cpu_amp_is_reproducible(toy, monkeypatch, capsys):
-    """Same seed, same threads, bf16 autocast: the same weights, bit for bit, run after run."""
+def test_pretraining_with_cpu_amp_is_reproducible_and_not_float32(toy, monkeypatch):
+    """Same seed, same threads, bf16 autocast: the same weights, bit for bit, run after run,
+    and not those of the float32 run (so bf16 did run)."""
     from utils.checkpoint import load_encoder
     from models.encoder import build_encoder
 
     monkeypatch.setattr(device_module, "cpu_has_bf16", lambda: True)
-    for name in ("a", "b"):
-        pretrain_main.main(toy + TINY + ["--epochs=1", "--max_steps=2", "--cpu_amp=true", f"--out_name={name}"])
-    first, _ = load_encoder(Path("weights/custom/a.safetensors"), build_encoder)
-    second, _ = load_encoder(Path("weights/custom/b.safetensors"), build_encoder)
-    for (key, a), b in zip(first.state_dict().items(), second.state_dict().values()):
-        assert torch.equal(a, b), key
+    weights = {}
+    for name, flag in (("a", "true"), ("b", "true"), ("f32", "false")):
+        pretrain_main.main(toy + TINY + ["--epochs=1", "--max_steps=2", f"--cpu_amp={flag}", f"--out_name={name}"])
+        weights[name] = load_encoder(Path(f"weights/custom/{name}.safetensors"), build_encoder)[0].state_dict()
+    assert weights["a"].keys() == weights["b"].keys() == weights["f32"].keys()
+    assert all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])
+    assert not all(torch.equal(weights["a"][k], weights["f32"][k]) for k in weights["a"])
+
+
+def test_low_memory_with_cpu_amp_trains(toy, monkeypatch, capsys, autocast_spy):
+    """Both options: the transformer blocks are recomputed in backward under the same autocast."""
+    monkeypatch.setattr(device_module, "cpu_has_bf16", lambda: True)
+    pretrain_main.main(toy + TINY + ["--epochs=1", "--max_steps=2", "--cpu_amp=true", "--low_memory=true"])
+    loss = epoch_records(capsys.readouterr().out)[-1]["loss"]
+    assert loss == loss and abs(loss) < float("inf")
+    assert autocast_spy and all(on for on, _, _ in autocast_spy)
+
+
+def test_table_keeps_bf16_and_float32_work_apart():
+    """utils.table reuses an encoder or a result only if it was made in the same precision; a file
+    from before the setting existed counts as its default (float32)."""
+    from utils.table import FINETUNE_FREE, PRETRAIN_FREE, changed_settings
+
+    defaults = {"cpu_amp": False, "lr": 1e-3}
+    for free in (PRETRAIN_FREE, FINETUNE_FREE):
+        assert changed_settings({"lr": 1e-3}, {"cpu_amp": False, "lr": 1e-3}, free, defaults) == []
+        assert changed_settings({"lr": 1e-3, "cpu_amp": True}, {"cpu_amp": False, "lr": 1e-3}, free, defaults) == \
+            ["--cpu_amp was True, now False"]
+        assert changed_settings({"lr": 1e-3}, {"cpu_amp": True, "lr": 1e-3}, free, defaults) == \
+            ["--cpu_amp was False, now True"]
+
+
+def test_finetune_says_when_cpu_amp_has_nothing_to_train(toy, monkeypatch, capsys):
+    monkeypatch.setattr(device_module, "cpu_has_bf16", lambda: True)
+    finetune.main(toy + ["--method=svm", "--train_per_class=5", "--cpu_amp=true", "--save_map=false"])
+    assert "note: --cpu_amp applies to training the encoder" in capsys.readouterr().out

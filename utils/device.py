@@ -1,4 +1,7 @@
-"""The one place that turns `--device=auto|cpu|cuda[:i]` into a torch.device."""
+"""The one place that turns `--device=auto|cpu|cuda[:i]` into a torch.device, and the CPU's
+allocator and precision settings the scripts run with."""
+from contextlib import nullcontext
+
 import torch
 
 from utils.errors import UserError
@@ -88,20 +91,23 @@ def cpu_has_bf16():
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
+def check_cpu_amp(device, cpu_amp):
+    """Refuse --cpu_amp=true (UserError) where it would run on a CPU without bf16 arithmetic."""
+    if device.type == "cpu" and cpu_amp and not cpu_has_bf16():
+        raise UserError("--cpu_amp=true: this CPU has no bf16 arithmetic that torch uses (x86 AVX512-BF16 or "
+                        "AMX), so bf16 would be emulated and slower than float32; leave --cpu_amp=false")
+
+
 def autocast_for(device, amp, cpu_amp):
     """A no-argument callable returning the forward pass's autocast context (or a null one).
 
     amp: bf16 autocast on CUDA. cpu_amp: bf16 autocast on the CPU, for CPUs with bf16
-    arithmetic only (cpu_has_bf16; refused otherwise, as emulated bf16 is slower than float32).
-    Losses and optimiser states stay float32 either way; bf16 rounds differently, so a run
-    with it does not reproduce a float32 run's digits.
+    arithmetic only (check_cpu_amp). Losses and optimiser states stay float32 either way;
+    bf16 rounds differently, so a run with it does not reproduce a float32 run's numbers.
     """
-    from contextlib import nullcontext
     if device.type == "cuda" and amp:
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     if device.type == "cpu" and cpu_amp:
-        if not cpu_has_bf16():
-            raise UserError("--cpu_amp=true: this CPU has no bf16 arithmetic (AVX512-BF16 or AMX), so bf16 "
-                            "would be emulated and slower than float32; leave --cpu_amp=false")
+        check_cpu_amp(device, cpu_amp)
         return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
     return nullcontext

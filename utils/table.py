@@ -20,6 +20,7 @@ import pretrain_main
 from data import load_scene
 from utils.checkpoint import read_encoder_metadata
 from utils.config import format_config, resolve_config
+from utils.device import check_cpu_amp, pick_device
 from utils.errors import UserError, run_main
 from utils.fileio import finite_or_none, write_text
 
@@ -38,17 +39,22 @@ def weights_path(cfg, method):
     return Path("weights") / cfg["dataset"] / f"{method}{cfg['tag']}.safetensors"
 
 
-# settings that do not change what a run computes (where files are, devices, logging)
-PRETRAIN_FREE = set(pretrain_main.RESUME_FREE) - {"epochs", "max_steps"}  # a cut-short run is not the same encoder
-FINETUNE_FREE = {"data_dir", "download", "device", "threads", "amp", "cpu_amp", "results_dir", "save_map",
-                 "batch_size", "name"}
+# settings that do not change what a run computes (where files are, devices, logging); a cut-short
+# run is not the same encoder, and bf16 (amp, cpu_amp) rounds differently, so a table keeps them apart
+PRECISION = {"amp", "cpu_amp"}
+PRETRAIN_FREE = set(pretrain_main.RESUME_FREE) - {"epochs", "max_steps"} - PRECISION
+FINETUNE_FREE = {"data_dir", "download", "device", "threads", "results_dir", "save_map", "batch_size", "name"}
 
 
-def changed_settings(stored, expected, free):
-    """['--name was X, now Y', ...] for every setting outside `free` whose stored value differs."""
+def changed_settings(stored, expected, free, defaults):
+    """['--name was X, now Y', ...] for every setting outside `free` whose stored value differs.
+
+    A setting the stored config lacks (written before the setting existed) counts as its
+    default in `defaults`, the value such a run computed with.
+    """
     stored = stored if isinstance(stored, dict) else {}
-    return [f"--{k} was {stored.get(k)!r}, now {v!r}" for k, v in expected.items()
-            if k not in free and stored.get(k) != v]
+    was = {k: stored.get(k, defaults.get(k)) for k in expected}
+    return [f"--{k} was {was[k]!r}, now {v!r}" for k, v in expected.items() if k not in free and was[k] != v]
 
 
 def pretrain_argv(cfg, path, method):
@@ -68,10 +74,10 @@ def pretrain_if_missing(cfg, method):
     path = weights_path(cfg, method)
     argv = pretrain_argv(cfg, path, method)
     if path.exists() and not cfg["force"]:
-        expected = pretrain_main.resolve_negatives(
-            resolve_config({k: getattr(pretrain_main, k) for k in pretrain_main.SETTINGS}, argv))
+        defaults = {k: getattr(pretrain_main, k) for k in pretrain_main.SETTINGS}
+        expected = pretrain_main.resolve_negatives(resolve_config(defaults, argv))
         stored = read_encoder_metadata(path).get("pretrain_config")
-        changed = changed_settings(stored, expected, PRETRAIN_FREE)
+        changed = changed_settings(stored, expected, PRETRAIN_FREE, defaults)
         if changed:
             raise UserError(f"{path}: pretrained with other settings than this table's ({'; '.join(changed[:4])}); "
                             f"pass --force=true to pretrain it again, or --tag=NAME to keep both")
@@ -98,8 +104,9 @@ def stale_cell(path, argv, weights, scene_fingerprint):
         result = json.loads(path.read_text())
     except (OSError, ValueError):
         return "unreadable"
-    expected = resolve_config({k: getattr(finetune, k) for k in finetune.SETTINGS}, argv)
-    changed = changed_settings(result.get("config"), expected, FINETUNE_FREE)
+    defaults = {k: getattr(finetune, k) for k in finetune.SETTINGS}
+    expected = resolve_config(defaults, argv)
+    changed = changed_settings(result.get("config"), expected, FINETUNE_FREE, defaults)
     if changed:
         return "; ".join(changed[:4])
     if result.get("scene_fingerprint") != scene_fingerprint:
@@ -167,6 +174,9 @@ def main(argv):
     budgets = [int(b) for b in cfg["budgets"].split(",")]
     splits = cfg["splits"].split(",")
     print(format_config(cfg))
+    for script, args in ((pretrain_main, cfg["pretrain_args"]), (finetune, cfg["finetune_args"])):
+        extra = resolve_config({k: getattr(script, k) for k in script.SETTINGS}, args.split())  # bad names fail here
+        check_cpu_amp(pick_device(cfg["device"]), extra["cpu_amp"])  # not after hours of pretraining
     t0 = time.time()
     for method in methods:
         if method in PRETRAIN_MODE:
