@@ -16,6 +16,8 @@ Prints, min and median over 5 timed repeats after one warm-up:
   (512, 4, 25, 32); channel: (512, 4, 32, 25)), F.scaled_dot_product_attention against
   the written-out softmax(q k^T s) v, forward + backward and forward alone (no autograd);
 - one Adam step over the paper encoder's parameters, torch's default and fused;
+- a bf16 fine-tuning step (64 paper-preset patches, as --cpu_amp runs it) with the spectral
+  stem's channels-last copy returning an NCHW gradient, against autograd's copy, alternated;
 - a 4096 x 4096 x 4096 matmul in float32 and in bf16: the GFLOP/s this CPU sustains in the best
   case (the roofs the model's achieved GFLOP/s in bench.run is compared with; bf16 is emulated,
   and slow, on CPUs without bf16 arithmetic).
@@ -45,6 +47,49 @@ def timed(fn, repeats=5):
         fn()
         times.append(time.perf_counter() - t0)
     return min(times), sorted(times)[len(times) // 2]
+
+
+def bf16_stem_backward_layouts(repeats=5):
+    """A bf16 fine-tuning step (64 paper-preset patches, TwoHeadClassifier, fused Adam) with the
+    spectral stem's channels-last copy handing back an NCHW gradient (the encoder's
+    _ChannelsLastCopy) against autograd's copy (mixed layouts in ReLU / BatchNorm backward),
+    alternated `repeats` times; median seconds per step. Skipped on CPUs without bf16."""
+    import types
+
+    import torch.nn.functional as F
+
+    import models.encoder as encoder_module
+    from models.classifier import TwoHeadClassifier
+    from utils.device import cpu_has_bf16
+    if not cpu_has_bf16():
+        print("  bf16 fine-tuning step: skipped, this CPU has no bf16 arithmetic")
+        return
+    torch.manual_seed(0)
+    model = TwoHeadClassifier(PCLEncoder(204, 15, "paper"), 6).train()
+    adam = torch.optim.Adam(model.parameters(), lr=1e-5, fused=True)
+    x, y = torch.randn(64, 204, 15, 15), torch.randint(0, 6, (64,))
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            g, l = model(x)
+        loss = F.cross_entropy(g.float(), y) + F.cross_entropy(l.float(), y)
+        adam.zero_grad(set_to_none=True)
+        loss.backward()
+        adam.step()
+
+    forms = {"NCHW gradient (the encoder's)": encoder_module._ChannelsLastCopy,
+             "autograd's copy (mixed layouts)": types.SimpleNamespace(
+                 apply=lambda t: t.contiguous(memory_format=torch.channels_last))}
+    times = {name: [] for name in forms}
+    try:
+        for _ in range(repeats):
+            for name, copy_form in forms.items():
+                encoder_module._ChannelsLastCopy = copy_form
+                times[name].append(timed(step, repeats=3)[1])
+    finally:
+        encoder_module._ChannelsLastCopy = forms["NCHW gradient (the encoder's)"]
+    for name, t in times.items():
+        print(f"  bf16 fine-tuning step (64 patches), stem copy: {name:32s} median {sorted(t)[len(t) // 2]:.3f} s")
 
 
 def main(argv):
@@ -116,6 +161,7 @@ def main(argv):
         print(f"  Adam step, 13.5M parameters, fused={fused!s:5s}     "
               f"min {best * 1e3:6.0f} ms  median {median * 1e3:6.0f} ms")
     del encoder, adam
+    bf16_stem_backward_layouts()
     for dtype in (torch.float32, torch.bfloat16):  # bf16: the roof --cpu_amp runs under
         a, b = torch.randn(4096, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
         best, median = timed(lambda: a @ b)
