@@ -199,8 +199,6 @@ def bench_pretrain(config, cutter, spectra_t, pseudo_t, labels_t, device, n_band
     torch.manual_seed(config["seed"])
     model = PCLEncoder(n_bands, config["patch_size"], config["preset"], fast=not config["reference"]).to(device)
     model.set_low_memory(config["low_memory"])
-    if not config["reference"]:  # as pretrain_main.py; the reference form keeps glibc's and torch's defaults
-        set_allocator_policy(device, config["low_memory"], config["keep_freed_memory"])
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
                                  fused=not config["reference"] and fused_adam(device))
     autocast = autocast_for(device, cfg["amp"], config["cpu_amp"])
@@ -378,6 +376,8 @@ def main(argv, log=print):
     result["forward_flops_per_anchor"] = flops
     log(f"  encoder: {result['parameters'] / 1e6:.2f}M parameters, {flops / 1e9:.3f} GFLOP forward per patch")
 
+    if not config["reference"]:  # as the scripts (finetune.py: never low_memory); the reference form keeps glibc's defaults
+        set_allocator_policy(device, config["low_memory"] and "pretrain" in wanted, config["keep_freed_memory"])
     if "pretrain" in wanted:
         if config["batch_size"] > h * w:
             raise UserError(f"--batch_size={config['batch_size']} exceeds the scene's {h * w} pixels")

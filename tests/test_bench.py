@@ -287,11 +287,14 @@ def test_bench_parts_times_every_part_in_both_forms(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("keep", [False, True])
-def test_bench_fast_form_allocator_setting_is_the_scripts_unless_asked(tmp_path, monkeypatch, keep):
+@pytest.mark.parametrize("part", ["pretrain", "finetune"])
+def test_bench_fast_form_allocator_setting_is_the_scripts_unless_asked(tmp_path, monkeypatch, keep, part):
+    """Set once, before any part: a fine-tuning-only run times finetune.py's setting too (never
+    low_memory, which is pretraining's), not glibc's defaults."""
     seen = []
     monkeypatch.setattr(bench, "set_allocator_policy", lambda device, low, keep_freed=True: seen.append(
         (device.type, low, keep_freed)))
     bench.main(["--dataset=tiny", "--preset=small", "--patch_size=5", "--batch_size=8", "--steps=1", "--warmup=0",
-                "--parts=pretrain", "--threads=1", f"--keep_freed_memory={keep}", f"--out={tmp_path / 'k.json'}"],
-               log=lambda *a: None)
-    assert seen == [("cpu", False, keep)]
+                f"--parts={part}", "--threads=1", f"--keep_freed_memory={keep}", "--low_memory=true",
+                f"--out={tmp_path / 'k.json'}"], log=lambda *a: None)
+    assert seen == [("cpu", part == "pretrain", keep)]
