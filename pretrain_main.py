@@ -127,7 +127,8 @@ def save_pseudolabel_map(path, labels):
 
 
 # Settings that may differ between a run and its resumption: they change where things go,
-# how long to train or how fast, not what an epoch computes.
+# how long to train or how fast (amp and cpu_amp: and how finely it rounds), not what an epoch
+# computes. utils.table is stricter: it keeps encoders made in bf16 and float32 apart.
 RESUME_FREE = ("weighting", "epochs", "max_steps", "resume", "threads", "device", "amp", "cpu_amp", "low_memory",
                "out_name", "run_dir", "cache_dir", "data_dir", "download", "cube", "gt", "class_names", "layout")
 
