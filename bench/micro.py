@@ -25,13 +25,17 @@ Prints, min and median over 5 timed repeats after one warm-up:
 import os
 import sys
 import time
+import types
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the scripts
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
+import models.encoder as encoder_module  # noqa: E402
+from models.classifier import TwoHeadClassifier  # noqa: E402
 from models.encoder import PCLEncoder, SmallMapConv2d, explicit_attention  # noqa: E402
 from utils.config import resolve_config  # noqa: E402
-from utils.device import keep_freed_memory  # noqa: E402
+from utils.device import cpu_has_bf16, keep_freed_memory  # noqa: E402
 from utils.errors import run_main  # noqa: E402
 
 threads = 2
@@ -54,13 +58,6 @@ def bf16_stem_backward_layouts(repeats=5):
     spectral stem's channels-last copy handing back an NCHW gradient (the encoder's
     _ChannelsLastCopy) against autograd's copy (mixed layouts in ReLU / BatchNorm backward),
     alternated `repeats` times; median seconds per step. Skipped on CPUs without bf16."""
-    import types
-
-    import torch.nn.functional as F
-
-    import models.encoder as encoder_module
-    from models.classifier import TwoHeadClassifier
-    from utils.device import cpu_has_bf16
     if not cpu_has_bf16():
         print("  bf16 fine-tuning step: skipped, this CPU has no bf16 arithmetic")
         return

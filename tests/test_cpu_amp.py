@@ -168,6 +168,7 @@ def test_table_keeps_bf16_and_float32_work_apart():
             ["--cpu_amp was True, now False"]
         assert changed_settings({"lr": 1e-3}, {"cpu_amp": True, "lr": 1e-3}, free, defaults) == \
             ["--cpu_amp was False, now True"]
+        assert changed_settings(None, {"cpu_amp": False, "lr": 1e-3}, free, defaults)  # no config: never reused
 
 
 def test_finetune_says_when_cpu_amp_has_nothing_to_train(toy, monkeypatch, capsys):

@@ -490,3 +490,23 @@ def test_channels_last_copy_hands_back_an_nchw_gradient():
         assert y.is_contiguous(memory_format=torch.channels_last) and torch.equal(y, h)
         y.backward(g)
         assert torch.equal(seen[0], g) and seen[0].is_contiguous() == nchw
+
+
+def test_spectral_convs_read_their_input_through_the_nchw_gradient_copy(monkeypatch):
+    """The stem's Conv2d form (CPU bf16 autocast, SyncBatchNorm) uses _ChannelsLastCopy for the
+    input of every spectral conv after the first (the first reads the 5-D patches by Conv3d)."""
+    import models.encoder as encoder_module
+
+    calls, original = [], encoder_module._ChannelsLastCopy
+
+    class Spy(original):
+        @staticmethod
+        def forward(ctx, x):
+            calls.append(x.shape)
+            return original.forward(ctx, x)
+
+    monkeypatch.setattr(encoder_module, "_ChannelsLastCopy", Spy)
+    stem = SpectralStem(BANDS, 4, [7, 5, 3], [2, 1, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stem(torch.randn(2, BANDS, 5, 5)).float().sum().backward()
+    assert len(calls) == 2

@@ -50,9 +50,11 @@ def changed_settings(stored, expected, free, defaults):
     """['--name was X, now Y', ...] for every setting outside `free` whose stored value differs.
 
     A setting the stored config lacks (written before the setting existed) counts as its
-    default in `defaults`, the value such a run computed with.
+    default in `defaults`, the value such a run computed with; a file with no stored config at
+    all matches nothing.
     """
-    stored = stored if isinstance(stored, dict) else {}
+    if not isinstance(stored, dict):
+        return ["its settings were not recorded"]
     was = {k: stored.get(k, defaults.get(k)) for k in expected}
     return [f"--{k} was {was[k]!r}, now {v!r}" for k, v in expected.items() if k not in free and was[k] != v]
 
