@@ -1,11 +1,13 @@
 """Where an encoder training step's time goes: forward + backward of each part, fast and
 reference forms alternated (issue 5; docs/BENCHMARKS.md).
 
-    python -m bench.parts --preset=paper --batch_size=512 --threads=2 [--repeats=3]
+    python -m bench.parts --preset=paper --batch_size=512 --threads=2 [--repeats=3] [--cpu_amp=true]
 
 batch_size is patches per pass (512 = one pretraining step of 256 anchors, two views; 64 =
 one fine-tuning step). Each repeat times every part in the fast form, then in the reference
 form (`set_fast(False)`, the same weights), so slow spells of a shared machine hit both.
+--cpu_amp=true runs the fast form's forward under bf16 autocast (as the scripts' --cpu_amp; the
+reference form stays float32), so its ratio is the bf16 speed-up measured side by side.
 Both forms run with the scripts' CPU allocator setting (utils.device.set_allocator_policy).
 Parts, each forward then backward of the sum of its output:
 - pixel stage: spectral stem + the stacks' 1x1 reduce (GlobalBranch.pixel_stage);
@@ -16,9 +18,11 @@ Parts, each forward then backward of the sum of its output:
 Prints min and median per part and form, the forward FLOPs per patch of each part and the
 median's GFLOP/s (3 x forward FLOPs, as bench.run); writes the same as JSON to --out if set.
 """
+import functools
 import os
 import sys
 import time
+from contextlib import nullcontext
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the scripts
 import torch  # noqa: E402
@@ -26,7 +30,7 @@ import torch  # noqa: E402
 from bench.run import counted_flops  # noqa: E402
 from models.encoder import PCLEncoder, PRESETS  # noqa: E402
 from utils.config import resolve_config  # noqa: E402
-from utils.device import set_allocator_policy  # noqa: E402
+from utils.device import autocast_for, check_cpu_amp, set_allocator_policy  # noqa: E402
 from utils.errors import UserError, run_main  # noqa: E402
 from utils.fileio import write_json  # noqa: E402
 
@@ -37,18 +41,33 @@ batch_size = 512      # patches per pass
 repeats = 3
 threads = 2           # torch CPU threads; 0 = torch's default
 seed = 0
+cpu_amp = False       # the fast form under bf16 autocast (CPUs with bf16 arithmetic only)
 out = ""              # optional JSON path
 
 PART_NAMES = ("pixel stage", "stacks + fuse", "transformer", "local branch", "whole encoder")
 
 
-def part_functions(encoder, x, requires_grad=True):
-    """x: (N, B, P, P) -> {part name: no-argument function returning a tensor whose sum is
-    back-propagated}. Later parts start from detached outputs of earlier ones (computed here,
+def part_functions(encoder, x, requires_grad=True, autocast=nullcontext):
+    """x: (N, B, P, P) -> {part name: no-argument function returning a float32 tensor whose sum
+    is back-propagated}. Later parts start from detached outputs of earlier ones (computed here,
     untimed; requires_grad as given), so each part runs alone. The branches read the
-    band-projected patches (the small preset's band_proj, untimed; none in the paper's)."""
+    band-projected patches (the small preset's band_proj, untimed; none in the paper's).
+    autocast: no-argument callable giving the context every part's forward runs in."""
+    parts = _part_forwards(encoder, x, requires_grad, autocast)
+    return {name: functools.partial(_run_in, autocast, fn) for name, fn in parts.items()}
+
+
+def _run_in(autocast, fn):
+    """fn() under the autocast context, as float32 (a bf16 output's sum would round)."""
+    with autocast():
+        return fn().float()
+
+
+def _part_forwards(encoder, x, requires_grad, autocast):
+    """part_functions' forwards, un-wrapped; the parts' inputs are made under autocast, so a
+    bf16 run hands each part what the whole encoder's bf16 forward would (e.g. bf16 tokens)."""
     g = encoder.global_branch
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
         xb = encoder.band_proj(x)                                  # (N, band_proj or B, P, P)
         pixel = g.pixel_stage(xb)                                   # (N, S*dim/4, P, P)
         tokens = g.tokens(pixel)                                   # (N, T, dim)
@@ -70,13 +89,14 @@ def forward_flops(encoder, x):
 
 def main(argv, log=print):
     config = resolve_config({k: globals()[k] for k in ("preset", "bands", "patch_size", "batch_size",
-                                                      "repeats", "threads", "seed", "out")}, argv)
+                                                      "repeats", "threads", "seed", "cpu_amp", "out")}, argv)
     if config["preset"] not in PRESETS:
         raise UserError(f"--preset={config['preset']}: expected one of {', '.join(PRESETS)}")
     if config["batch_size"] < 2 or config["repeats"] < 1 or config["bands"] < 1:
         raise UserError("--batch_size must be >= 2, --repeats >= 1, --bands >= 1")
     if config["threads"] < 0:
         raise UserError(f"--threads={config['threads']}: expected >= 0 (0 = torch's default)")
+    check_cpu_amp(torch.device("cpu"), config["cpu_amp"])
     if config["threads"] > 0:
         torch.set_num_threads(config["threads"])
     set_allocator_policy(torch.device("cpu"), low_memory=False)
@@ -85,10 +105,12 @@ def main(argv, log=print):
     x = torch.randn(config["batch_size"], config["bands"], config["patch_size"], config["patch_size"])
     flops = forward_flops(encoder, x)
     times = {(form, name): [] for form in ("fast", "reference") for name in PART_NAMES}
+    fast_autocast = autocast_for(torch.device("cpu"), False, config["cpu_amp"])
     for repeat in range(config["repeats"] + 1):                    # the first is a warm-up
         for form in ("fast", "reference"):
             encoder.set_fast(form == "fast")
-            for name, fn in part_functions(encoder, x).items():
+            autocast = fast_autocast if form == "fast" else nullcontext
+            for name, fn in part_functions(encoder, x, autocast=autocast).items():
                 t0 = time.perf_counter()
                 fn().sum().backward()
                 if repeat:
@@ -96,7 +118,7 @@ def main(argv, log=print):
         encoder.zero_grad(set_to_none=True)
     log(f"bench.parts  preset {config['preset']}  {config['batch_size']} patches of {config['bands']} x "
         f"{config['patch_size']} x {config['patch_size']}  torch {torch.__version__}  threads {torch.get_num_threads()}  "
-        f"repeats {config['repeats']}")
+        f"repeats {config['repeats']}" + ("  fast form under bf16 autocast" if config["cpu_amp"] else ""))
     log(f"  {'part':14s} {'GFLOP/patch':>11s} | {'fast min / median':>18s} {'GFLOP/s':>7s} | "
         f"{'reference min / median':>22s} {'GFLOP/s':>7s} | ref/fast")
     result = {"config": config, "torch": torch.__version__, "parts": {}}

@@ -298,3 +298,31 @@ def test_bench_fast_form_allocator_setting_is_the_scripts_unless_asked(tmp_path,
                 f"--parts={part}", "--threads=1", f"--keep_freed_memory={keep}", "--low_memory=true",
                 f"--out={tmp_path / 'k.json'}"], log=lambda *a: None)
     assert seen == [("cpu", part == "pretrain", keep)]
+
+
+def test_bench_parts_cpu_amp_runs_only_the_fast_form_under_bf16(tmp_path, monkeypatch):
+    """--cpu_amp=true: every fast-form pass (the parts' inputs included) under CPU autocast,
+    every reference pass in float32; refused on a CPU without bf16 arithmetic."""
+    from bench import parts
+    from models.encoder import GlobalBranch
+    from utils import device as dev
+    from utils.errors import UserError
+    seen = []  # (form, autocast on) of every pixel-stage pass
+    original = GlobalBranch.pixel_stage
+    monkeypatch.setattr(GlobalBranch, "pixel_stage", lambda self, x: seen.append(
+        (self.fast, torch.is_autocast_enabled("cpu"))) or original(self, x))
+    args = ["--preset=small", "--bands=12", "--patch_size=7", "--batch_size=4", "--repeats=1", "--threads=1",
+            "--cpu_amp=true"]
+    monkeypatch.setattr(dev, "cpu_has_bf16", lambda: False)
+    with pytest.raises(UserError, match="--cpu_amp=true"):
+        parts.main(args, log=lambda *a: None)
+    assert seen == []
+    monkeypatch.setattr(dev, "cpu_has_bf16", lambda: True)  # torch emulates bf16 where the CPU has none
+    count_flops = parts.forward_flops
+    monkeypatch.setattr(parts, "forward_flops", lambda *a: (count_flops(*a), seen.append("counted"))[0])
+    lines = []
+    result = parts.main(args, log=lines.append)
+    counted = seen.index("counted")
+    assert set(seen[:counted]) == {(True, False)}  # FLOPs are counted in float32, as bench.run counts them
+    assert set(seen[counted + 1:]) == {(True, True), (False, False)}  # timed: fast in bf16, reference float32
+    assert "bf16" in lines[0] and result["config"]["cpu_amp"] is True
