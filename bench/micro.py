@@ -15,6 +15,9 @@ Prints, min and median over 5 timed repeats after one warm-up:
 - attention over 512 patches' heads as the encoder lays them out (spatial: q, k, v of
   (512, 4, 25, 32); channel: (512, 4, 32, 25)), F.scaled_dot_product_attention against
   the written-out softmax(q k^T s) v, forward + backward and forward alone (no autograd);
+- the channel attention's heads of 64 patches: F.normalize on q and k, against the inverse
+  norms scaling the scores (cosine_attention), float32 and bf16;
+- a stack's max-pool on 64 patches' maps, NCHW against channels-last, float32 and bf16;
 - one Adam step over the paper encoder's parameters, torch's default and fused;
 - a bf16 fine-tuning step (64 paper-preset patches, as --cpu_amp runs it) with the spectral
   stem's channels-last copy returning an NCHW gradient, against autograd's copy, alternated;
@@ -33,7 +36,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import models.encoder as encoder_module  # noqa: E402
 from models.classifier import TwoHeadClassifier  # noqa: E402
-from models.encoder import PCLEncoder, SmallMapConv2d, explicit_attention  # noqa: E402
+from models.encoder import PCLEncoder, SmallMapConv2d, cosine_attention, explicit_attention  # noqa: E402
 from utils.config import resolve_config  # noqa: E402
 from utils.device import cpu_has_bf16, keep_freed_memory  # noqa: E402
 from utils.errors import run_main  # noqa: E402
@@ -87,6 +90,43 @@ def bf16_stem_backward_layouts(repeats=5):
         encoder_module._ChannelsLastCopy = forms["NCHW gradient (the encoder's)"]
     for name, t in times.items():
         print(f"  bf16 fine-tuning step (64 patches), stem copy: {name:32s} median {sorted(t)[len(t) // 2]:.3f} s")
+
+
+def channel_attention_norms(repeats=31):
+    """The channel attention's heads of 64 patches, forward + backward, laid out as the module
+    has them (q, k, v of (64, 4, 32, 25) slices of one (64, 3, 4, 32, 25) conv-qkv output, in
+    float32, or in bf16 as under autocast): F.normalize on q and k then softmax(t q k^T) v,
+    against the inverse norms scaling the (32, 32) scores (cosine_attention)."""
+    gen = torch.Generator().manual_seed(0)
+    temperature = torch.rand(4, 1, 1, generator=gen) + 0.5
+    grad = torch.randn(64, 4, 32, 25, generator=gen)
+    forms = (("normalise q, k", lambda q, k, v: explicit_attention(F.normalize(q, dim=-1), F.normalize(k, dim=-1),
+                                                                    v, temperature)),
+             ("scale scores", lambda q, k, v: cosine_attention(q, k, v, temperature)))
+    for dtype in (torch.float32, torch.bfloat16):
+        qkv = torch.randn(64, 3, 4, 32, 25, generator=gen).to(dtype).requires_grad_()
+        for name, form in forms:
+            def run():
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                    out = form(*qkv.unbind(1))
+                out.backward(grad.to(out.dtype))
+            best, median = timed(run, repeats=repeats)
+            print(f"  channel attention (64, 4, 32, 25) {str(dtype)[6:]:8s}, {name:14s} fwd+bwd "
+                  f"min {best * 1e3:5.1f} ms  median {median * 1e3:5.1f} ms")
+
+
+def max_pool_layouts(repeats=31):
+    """A stack's MaxPool2d(3, stride 2, pad 1) on 64 patches' (64, 64, 15, 15) maps, forward and
+    backward, NCHW against channels-last, float32 and bf16."""
+    for dtype in (torch.float32, torch.bfloat16):
+        for layout in (torch.contiguous_format, torch.channels_last):
+            maps = torch.randn(64, 64, 15, 15, dtype=dtype).contiguous(memory_format=layout).requires_grad_()
+            grad = torch.randn_like(F.max_pool2d(maps, 3, 2, 1))  # dense, in the output's layout (as from a conv)
+            forward = timed(lambda: F.max_pool2d(maps, 3, 2, 1), repeats=repeats)
+            both = timed(lambda: F.max_pool2d(maps, 3, 2, 1).backward(grad), repeats=repeats)
+            name = "channels-last" if layout == torch.channels_last else "NCHW"
+            print(f"  max-pool (64, 64, 15, 15) {str(dtype)[6:]:8s} {name:13s} forward median {forward[1] * 1e3:5.2f} ms"
+                  f"  fwd+bwd median {both[1] * 1e3:5.2f} ms")
 
 
 def main(argv):
@@ -149,6 +189,8 @@ def main(argv):
             print(f"  {kind} attention {tuple(q.shape)}, {name:11s} fwd+bwd median {train[1] * 1e3:4.0f} ms"
                   f"  forward alone median {infer[1] * 1e3:4.0f} ms")
         del qkv, q, k, v, grad
+    channel_attention_norms()
+    max_pool_layouts()
     encoder = PCLEncoder(204, 15, "paper")
     for p in encoder.parameters():
         p.grad = torch.randn_like(p)

@@ -45,7 +45,11 @@ tests check the two agree in outputs, gradients and BatchNorm statistics):
 - attention (`attention`): F.scaled_dot_product_attention on CUDA; on CPU softmax(q k^T s) v
   written out, as PyTorch's fused CPU kernel is slower at these tiny sequences, forward and
   backward (bench.micro times both). Reference: the written-out form. The conv-qkv output is made
-  contiguous along the tokens first (the channel attention normalises along them).
+  contiguous along the tokens first (the channel attention normalises along them). The channel
+  attention on CPU scales its (d, d) scores by the inverse norms of q and k instead of
+  normalising q and k (`cosine_attention`; reference: F.normalize, then the written-out form).
+- the stacks on CPU read channels-last copies of their slices of the pixel stage (NHWC convs
+  and max-pool, also under bf16 autocast, where the stem's Conv2d form gives NCHW maps).
 - the two stacks' first 1x1 convs read the same (N, C*B', P, P) input and run as one.
 - local branch on CPU: channels-last input (oneDNN's NHWC convs); its 3x3 convs on maps of
   at most 2 x 2 pixels (the paper preset's last stage) run as one dense matmul
@@ -479,6 +483,30 @@ def explicit_attention(q, k, v, scale):
     return ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1) @ v
 
 
+def inverse_norm(t, eps=1e-12):
+    """1 / max(|t|, eps) along the last axis, as F.normalize divides: (..., L, E) -> (..., L, 1)."""
+    return t.square().sum(dim=-1, keepdim=True).clamp_min(eps * eps).rsqrt()
+
+
+def cosine_attention(q, k, v, temperature):
+    """softmax(temperature * q_hat k_hat^T) v, q_hat and k_hat q and k L2-normalised along the
+    last axis (F.normalize). q, k: (..., L, E), v: (..., L, Ev), temperature broadcast over
+    the (..., L, L) scores -> (..., L, Ev).
+
+    The norms scale the scores, (q k^T)_ij / (|q_i| |k_j|), instead of dividing q and k: the
+    same values with fewer passes over the (..., L, E) inputs, most of all in backward
+    (`python -m bench.micro`: the channel attention's heads, bf16 and float32).
+    """
+    scale = inverse_norm(q) * temperature.to(q.dtype) * inverse_norm(k).transpose(-2, -1)  # (..., L, L)
+    return ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1) @ v
+
+
+def fused_attention_available(t):
+    """Whether `attention` runs F.scaled_dot_product_attention for t (on CUDA) rather than the
+    written-out form (tests patch it to check the fused path's arrangement on CPU)."""
+    return t.is_cuda
+
+
 def attention(q, k, v, scale):
     """The fast form of explicit_attention (same shapes, same values within float error).
 
@@ -486,7 +514,7 @@ def attention(q, k, v, scale):
     written-out form, which is faster there at these tiny sequences (L, S <= 32), forward and
     backward alike (bench.micro times both).
     """
-    if q.is_cuda:  # the fused kernels need the last axis contiguous (the spatial heads' is strided)
+    if fused_attention_available(q):  # they need the last axis contiguous (the spatial heads' is strided)
         return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous(), scale=scale)
     return explicit_attention(q, k, v, scale)
 
@@ -533,13 +561,13 @@ class ChannelAttention(nn.Module):
         N, T, C = x.shape
         qkv = self.qkv(x).reshape(N, 3, self.heads, C // self.heads, T)  # (N, 3, heads, d, T)
         q, k, v = qkv.unbind(1)  # each (N, heads, d, T)
-        q = F.normalize(q, dim=-1)
-        k = F.normalize(k, dim=-1)
-        if self.fast:
-            q = q * self.temperature.to(q.dtype)  # q's dtype, whatever autocast made it
-            out = attention(q, k, v, 1.0)  # (N, heads, d, T)
+        if not self.fast:
+            out = explicit_attention(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, self.temperature)
+        elif fused_attention_available(q):  # a scalar scale there: norms and temperature go into q and k
+            q = F.normalize(q, dim=-1) * self.temperature.to(q.dtype)  # q's dtype, whatever autocast made it
+            out = attention(q, F.normalize(k, dim=-1), v, 1.0)
         else:
-            out = explicit_attention(q, k, v, self.temperature)  # (N, heads, d, T)
+            out = cosine_attention(q, k, v, self.temperature)  # (N, heads, d, T)
         return self.proj(out.reshape(N, C, T).transpose(1, 2))  # (N, T, C)
 
 
@@ -602,10 +630,12 @@ class GlobalBranch(nn.Module):
         else:
             r = F.conv2d(self.stem(x), w)  # (N, S*dim/4, H, W)
         parts = r.split(w.shape[0] // len(self.stacks), dim=1)
-        if r.is_contiguous(memory_format=torch.channels_last):
-            # a channel slice of a channels-last map is contiguous in no layout, and CPU
-            # BatchNorm then takes a generic strided path, ~10x slower forward + backward
-            # than on a channels-last copy (`python -m bench.micro`); the copies are small
+        if r.device.type == "cpu":
+            # each stack gets a channels-last copy of its slice (small copies): the stacks then
+            # run oneDNN's NHWC convs and max-pool (CPU max-pool over NCHW maps, as the Conv2d
+            # form above gives, is ~10x slower forward), and BatchNorm reads contiguous memory
+            # (a channel slice of the Function's channels-last map is contiguous in no layout,
+            # and CPU BatchNorm's strided path is ~10x slower); `python -m bench.micro`
             parts = [part.contiguous(memory_format=torch.channels_last) for part in parts]
         return torch.cat([stack.reduce[1:](part) for stack, part in zip(self.stacks, parts)], dim=1)
 

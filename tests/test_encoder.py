@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from models.encoder import (PRESETS, ChannelAttention, ConvQKV, PCLEncoder, SpatialAttention, SpectralStem,
-                            build_encoder, count_parameters, describe, explicit_attention)
+                            build_encoder, cosine_attention, count_parameters, describe, explicit_attention)
 from utils.errors import UserError
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -214,6 +214,60 @@ def test_fused_attention_equals_the_written_out_form(layout):
     assert outs[1].shape == q.shape
 
 
+@pytest.mark.parametrize("module", [SpatialAttention, ChannelAttention])
+def test_attention_modules_fused_path_equals_the_reference(monkeypatch, module):
+    """The modules' CUDA arrangement (q, k, v for F.scaled_dot_product_attention; the channel
+    attention's norms and temperature folded into q and k), run on CPU by patching the switch:
+    the reference form's values and gradients."""
+    import models.encoder as encoder_module
+    torch.manual_seed(0)
+    fast = module(32, 4, grid=5)
+    if module is ChannelAttention:
+        with torch.no_grad():
+            fast.temperature.copy_(torch.tensor([0.5, 1.0, 2.0, 4.0]).view(4, 1, 1))
+    ref = copy.deepcopy(fast)
+    for m in ref.modules():
+        if hasattr(m, "fast"):
+            m.fast = False
+    calls = []
+    fused = F.scaled_dot_product_attention
+    monkeypatch.setattr(encoder_module, "fused_attention_available", lambda t: True)
+    monkeypatch.setattr(encoder_module.F, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or fused(*a, **k))
+    x = torch.randn(4, 25, 32, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    a, b = fast(x), ref(x_ref)
+    assert calls == [1]  # the fused kernel ran, once
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    g = torch.randn_like(a)
+    a.backward(g), b.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+    assert_grads_close(fast, ref)
+
+
+def test_cosine_attention_equals_normalise_then_attend():
+    """The CPU channel attention's form: the norms scale the scores instead of dividing q and
+    k; the same values and gradients as F.normalize then softmax(t q k^T) v, a zero row included."""
+    gen = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(3, 4, 8, 25, generator=gen) for _ in range(3)]
+    leaves[0][0, 0, 0] = 0  # a zero row of q: F.normalize's eps applies
+    temperature = torch.tensor([0.5, 1.0, 2.0, 4.0]).view(4, 1, 1)
+    outs, grads = [], []
+    for folded in (True, False):
+        q, k, v = (t.clone().requires_grad_() for t in leaves)
+        if folded:
+            out = cosine_attention(q, k, v, temperature)
+        else:
+            out = explicit_attention(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, temperature)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+        outs.append(out)
+        grads.append([t.grad for t in (q, k, v)])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert torch.isfinite(grads[0][0]).all()
+
+
 def test_conv_qkv_fast_form_is_contiguous_along_tokens():
     qkv = ConvQKV(16, grid=5)
     x = torch.randn(3, 25, 16)
@@ -256,6 +310,27 @@ def test_fast_pixel_stage_batchnorms_read_contiguous_channels_last_slices():
     (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(g_fast, g_ref, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bf16"])
+def test_stacks_run_channels_last_on_cpu(precision):
+    """On CPU the stacks' BatchNorm and max-pool read channels-last maps in float32 (the stem
+    Function's layout) and under bf16 autocast (the stem's Conv2d form gives NCHW maps; CPU
+    max-pool over NCHW is ~10x slower forward); the reference form stays NCHW."""
+    enc = make("paper", bands=40)
+    x = patches(4, bands=40)
+    seen = []
+    for stack in enc.global_branch.stacks:
+        for module in (stack.reduce[1], stack.body[1]):  # BatchNorm after the 1x1 reduce, max-pool
+            module.register_forward_pre_hook(lambda module, args: seen.append(
+                (type(module).__name__, args[0].is_contiguous(memory_format=torch.channels_last))))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        enc.global_branch.tokens(enc.global_branch.pixel_stage(x))
+        assert seen == [("BatchNorm2d", True), ("BatchNorm2d", True), ("MaxPool2d", True), ("MaxPool2d", True)]
+        seen.clear()
+        enc.set_fast(False)
+        enc.global_branch.tokens(enc.global_branch.pixel_stage(x))
+    assert seen and not any(channels_last for _, channels_last in seen)
 
 
 def test_autocast_bf16_runs_and_stays_close_to_float32():
