@@ -53,7 +53,8 @@ save_map = True             # full-scene map PNG (first seed)
 batch_size = 512            # inference batch (bounds memory on any scene size)
 device = "auto"
 threads = 0
-amp = False                 # bf16 autocast on CUDA while training the encoder (protocol=finetune, supervised)
+amp = False                 # bf16 autocast on CUDA (GPUs with bf16: compute capability 8.0+) while training
+                            # the encoder (protocol=finetune, supervised)
 cpu_amp = False             # the same on the CPU: only CPUs with bf16 arithmetic (AVX512-BF16 or AMX); 1.3x
                             # to 1.5x faster paper-preset steps there, rounds differently (docs/BENCHMARKS.md)
 # -------------------------------------------------------------------------
@@ -71,7 +72,8 @@ from models.encoder import PCLEncoder, PRESETS, build_encoder          # noqa: E
 from utils.baselines import fit_svm, pca_window_features, spectral_features  # noqa: E402
 from utils.checkpoint import git_commit, load_encoder                  # noqa: E402
 from utils.config import check_ranges, format_config, resolve_config   # noqa: E402
-from utils.device import autocast_for, check_cpu_amp, pick_device, set_allocator_policy  # noqa: E402
+from utils.device import (amp_note, autocast_for, check_cpu_amp, pick_device, set_allocator_policy,  # noqa: E402
+                          training_precision)
 from utils.errors import UserError, run_main                           # noqa: E402
 from utils.fileio import write_json, write_text                        # noqa: E402
 from utils.maps import save_comparison_png, save_map_png               # noqa: E402
@@ -220,6 +222,19 @@ def predict_scene(predict, n_pixels, batch_size):
     return out
 
 
+def trains_the_encoder(config):
+    """Whether a run trains the encoder: the finetune protocol, or the supervised baseline."""
+    return config["method"] == "supervised" or (config["method"] in ENCODER_METHODS
+                                                and config["protocol"] == "finetune")
+
+
+def run_precision(config, device):
+    """What training the encoder runs in, 'bf16' or 'float32' (float32 when nothing trains)."""
+    if not trains_the_encoder(config):
+        return "float32"
+    return training_precision(device, config["amp"], config["cpu_amp"])
+
+
 def summarise(runs, n_classes):
     """Mean and std over seeds of OA, AA, kappa and per-class accuracy."""
     summary = {}
@@ -286,10 +301,13 @@ def main(argv):
     out_dir = Path(config["results_dir"]) / config["dataset"]
     print(f"finetune.py  commit {git_commit()}  device {device}  torch {torch.__version__}")
     print(format_config(config))
-    trains_encoder = config["method"] == "supervised" or protocol == "finetune"
+    trains_encoder = trains_the_encoder(config)
     if config["cpu_amp"] and device.type == "cpu" and not trains_encoder:
         print(f"note: --cpu_amp applies to training the encoder (--protocol=finetune, --method=supervised); "
               f"this run ({config['method']}, {protocol}) trains none and runs in float32")
+    if trains_encoder and amp_note(device, config["amp"]):
+        print(amp_note(device, config["amp"]))
+    precision = run_precision(config, device)  # recorded with the results
 
     t_start = time.time()
     scene = load_scene(config["dataset"], config["data_dir"], config["download"], config["cube"],
@@ -338,7 +356,7 @@ def main(argv):
     write_json(json_path, {
         "dataset": scene.name, "method": config["method"], "protocol": protocol, "split": config["split"],
         "class_names": scene.class_names, "scene_fingerprint": scene_fingerprint(scene),
-        "config": config, "notes": notes, "summary": summary, "runs": runs,
+        "config": config, "precision": precision, "notes": notes, "summary": summary, "runs": runs,
         "weights": evaluator.weights_path, "encoder_metadata": evaluator.meta, "commit": git_commit(),
         "seconds": round(time.time() - t_start, 1), "torch": torch.__version__, "device": str(device),
     })

@@ -64,7 +64,8 @@ lr = 1e-3                   # the authors used 1e-4 for 400 epochs
 weight_decay = 5e-4
 seed = 0
 device = "auto"             # auto = CUDA when present, else CPU
-amp = True                  # bf16 autocast on CUDA (ignored on CPU)
+amp = True                  # bf16 autocast on CUDA GPUs with bf16 arithmetic (compute capability 8.0+);
+                            # older GPUs and the CPU run float32
 cpu_amp = False             # bf16 autocast on the CPU too: only CPUs with bf16 arithmetic (AVX512-BF16 or
                             # AMX); 1.4x to 1.6x faster paper-preset steps there, rounds differently from
                             # float32 (docs/BENCHMARKS.md)
@@ -93,7 +94,8 @@ from models.negatives import MODES, batch_pcl_weights, negative_weights  # noqa:
 from utils.checkpoint import git_commit, load_checkpoint, save_checkpoint, save_encoder  # noqa: E402
 from utils import distributed                                         # noqa: E402
 from utils.config import check_ranges, format_config, resolve_config  # noqa: E402
-from utils.device import autocast_for, check_cpu_amp, fused_adam, pick_device, set_allocator_policy  # noqa: E402
+from utils.device import (amp_note, autocast_for, check_cpu_amp, fused_adam, pick_device,  # noqa: E402
+                          set_allocator_policy, training_precision)
 from utils.errors import UserError, run_main                          # noqa: E402
 from utils.fileio import atomic_path, write_json, write_text          # noqa: E402
 
@@ -274,9 +276,12 @@ def main(argv):
     check_cpu_amp(device, config["cpu_amp"])  # before any work, and before joining the other processes
     rank, world, device = distributed.setup(device)
     autocast = autocast_for(device, config["amp"], config["cpu_amp"])
+    precision = training_precision(device, config["amp"], config["cpu_amp"])  # what runs, recorded with the weights
     say = print if rank == 0 else (lambda *args, **kwargs: None)  # only rank 0 reports
-    say(f"pretrain_main.py  commit {git_commit()}  device {device}  torch {torch.__version__}")
+    say(f"pretrain_main.py  commit {git_commit()}  device {device} ({precision})  torch {torch.__version__}")
     say(format_config(config))
+    if amp_note(device, config["amp"]):
+        say(amp_note(device, config["amp"]))
 
     # 1. scene, standardised once per scene (finetune.py applies the same function)
     with distributed.rank0_first(world):  # one download, then the other ranks read the files
@@ -416,7 +421,7 @@ def main(argv):
 
     # 5. release file: plain module weights + everything needed to rebuild and check it (rank 0 only)
     metadata = {"dataset": scene.name, "scene_fingerprint": fingerprint,
-                "n_bands": bands, "n_classes": scene.n_classes, "pretrain_config": config,
+                "n_bands": bands, "n_classes": scene.n_classes, "pretrain_config": config, "precision": precision,
                 "pseudolabel_purity": pseudo_purity, "log": log, "commit": git_commit()}
     save_encoder(weights_path, model.cpu(), metadata)
     write_json(run_dir / "config.json", config)

@@ -16,6 +16,7 @@ import os
 # before torch: its CPU allocator then backs large tensors with transparent huge pages
 # (fewer page faults on the paper preset's 376 MB activations; docs/BENCHMARKS.md)
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+import functools
 import platform
 import resource
 import statistics
@@ -130,6 +131,15 @@ def device_name(device):
     return platform.processor() or platform.machine()
 
 
+def synchronizer(device):
+    """A no-argument callable that waits for `device`'s queued work: torch.cuda.synchronize of
+    that device on CUDA (with no argument it would wait on the current device, cuda:0, only),
+    nothing on the CPU."""
+    if device.type == "cuda":
+        return functools.partial(torch.cuda.synchronize, device)
+    return lambda: None
+
+
 def summary(values):
     """median / min / max of a list of numbers."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
@@ -139,7 +149,7 @@ class PartTimer:
     """Seconds per named part of a step; CUDA is synchronised at each boundary."""
 
     def __init__(self, device):
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.sync = synchronizer(device)
         self.parts, self.t = {}, 0.0
 
     def start(self):
@@ -242,7 +252,7 @@ def bench_finetune(config, encoder, cutter, gt, n_classes, device, log):
     rng = np.random.default_rng(config["seed"])
     batch, n_steps = config["finetune_batch_size"], config["warmup"] + config["steps"]
     idx = rng.choice(labelled, batch * n_steps, replace=len(labelled) < batch * n_steps)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     ends = []
 
     def on_step():
@@ -288,7 +298,7 @@ def scene_map(encoder, scene, cube_std, device, batch_size=512, seed=0, fast=Tru
     rng = np.random.default_rng(seed)
     train = np.concatenate([rng.permutation(np.flatnonzero(gt == c))[:15] for c in range(1, scene.n_classes + 1)])
     predict = evaluator.fit(train, gt[train], seed)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     sync()
     t0 = time.perf_counter()
     prediction = finetune.predict_scene(predict, gt.size, batch_size)

@@ -326,3 +326,15 @@ def test_bench_parts_cpu_amp_runs_only_the_fast_form_under_bf16(tmp_path, monkey
     assert set(seen[:counted]) == {(True, False)}  # FLOPs are counted in float32, as bench.run counts them
     assert set(seen[counted + 1:]) == {(True, True), (False, False)}  # timed: fast in bf16, reference float32
     assert "bf16" in lines[0] and result["config"]["cpu_amp"] is True
+
+
+def test_cuda_timing_waits_on_the_benchmarked_gpu(monkeypatch):
+    """bench.run's timers synchronise the GPU the run uses (torch.cuda.synchronize() with no
+    argument waits on cuda:0 only, so a --device=cuda:1 run would time kernel launches)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    bench.synchronizer(torch.device("cuda", 1))()
+    bench.PartTimer(torch.device("cuda", 1)).start()
+    assert calls == [torch.device("cuda", 1)] * 2
+    bench.synchronizer(torch.device("cpu"))()
+    assert len(calls) == 2  # nothing to wait for on the CPU

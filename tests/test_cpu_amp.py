@@ -50,6 +50,7 @@ def epoch_records(out):
 @pytest.mark.filterwarnings("ignore:CUDA is not available")
 def test_autocast_for_picks_the_context_and_refuses_emulated_bf16(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(device_module, "cuda_has_bf16", lambda device: True)  # no GPU to ask
     assert autocast_for(cpu, True, False) is nullcontext  # amp alone is for CUDA
     assert autocast_for(cuda, False, True) is nullcontext  # cpu_amp does not touch CUDA
     on_cuda = autocast_for(cuda, True, False)()  # built, not entered: no GPU needed
@@ -61,6 +62,44 @@ def test_autocast_for_picks_the_context_and_refuses_emulated_bf16(monkeypatch):
     with pytest.raises(UserError, match=r"--cpu_amp=true: this CPU has no bf16 arithmetic .*--cpu_amp=false"):
         autocast_for(cpu, False, True)
     assert autocast_for(cpu, False, False) is nullcontext  # nothing asked, nothing checked
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+@pytest.mark.parametrize("capability", [(7, 5), (8, 0)])
+def test_amp_on_a_gpu_without_bf16_runs_float32_and_says_so(monkeypatch, capability):
+    """A T4 or V100 (compute capability < 8.0) has no bf16 arithmetic and cuDNN no bf16 convs
+    for it: --amp=true there trains in float32 with a one-line note, instead of failing or
+    crawling; 8.0 and later run bf16. No GPU is needed: the capability query is patched."""
+    from utils.device import amp_note, training_precision
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    cuda, old = torch.device("cuda", 1), capability < (8, 0)
+    assert training_precision(cuda, True, False) == ("float32" if old else "bf16")
+    assert training_precision(cuda, False, True) == "float32"
+    assert (autocast_for(cuda, True, False) is nullcontext) == old
+    note = amp_note(cuda, True)
+    assert (note is not None) == old and amp_note(cuda, False) is None
+    if old:
+        assert note.startswith("note: --amp=true: Tesla T4 (compute capability 7.5)") and "float32" in note
+    assert training_precision(torch.device("cpu"), True, False) == "float32"  # amp alone is for CUDA
+
+
+def test_scripts_record_the_precision_that_ran(toy, monkeypatch):
+    """The weights' metadata and finetune.py's JSON say what training ran in, not the flags:
+    the default amp=true on the CPU is float32; --cpu_amp=true is bf16; a linear probe trains
+    nothing in either (float32)."""
+    from utils.checkpoint import read_encoder_metadata
+    monkeypatch.setattr(device_module, "cpu_has_bf16", lambda: True)
+    for flag, precision in (("false", "float32"), ("true", "bf16")):
+        pretrain_main.main(toy + TINY + ["--epochs=1", "--max_steps=1", "--amp=true", f"--cpu_amp={flag}",
+                                         f"--out_name=p_{flag}"])
+        assert read_encoder_metadata(Path(f"weights/custom/p_{flag}.safetensors"))["precision"] == precision
+    for protocol, flag, precision in (("finetune", "true", "bf16"), ("finetune", "false", "float32"),
+                                      ("linear", "true", "float32")):
+        out = finetune.main(toy + [f"--protocol={protocol}", "--finetune_epochs=1", "--train_per_class=5",
+                                   f"--cpu_amp={flag}", "--amp=true", "--save_map=false", "--weights=weights/custom/p_false.safetensors",
+                                   f"--name={protocol}_{flag}"])
+        assert json.loads(Path(out).read_text())["precision"] == precision
 
 
 @pytest.mark.parametrize("script", ["pretrain_main", "finetune", "bench.run", "utils.table"])
@@ -169,6 +208,31 @@ def test_table_keeps_bf16_and_float32_work_apart():
         assert changed_settings({"lr": 1e-3}, {"cpu_amp": True, "lr": 1e-3}, free, defaults) == \
             ["--cpu_amp was False, now True"]
         assert changed_settings(None, {"cpu_amp": False, "lr": 1e-3}, free, defaults)  # no config: never reused
+        # where the file records the precision that ran, it decides, not the flags (amp does
+        # nothing on a CPU: a float32 run with amp=true is this table's float32 run)
+        stored, expected = {"lr": 1e-3, "amp": True}, {"amp": False, "cpu_amp": False, "lr": 1e-3}
+        assert changed_settings(stored, expected, free, defaults, ("float32", "float32")) == []
+        assert changed_settings(stored, expected, free, defaults, ("bf16", "float32")) == \
+            ["it was trained in bf16, now float32"]
+        assert changed_settings(stored, expected, free, defaults, (None, "float32")) == ["--amp was True, now False"]
+
+
+def test_table_reuses_an_encoder_only_if_it_ran_in_the_same_precision(toy, monkeypatch):
+    """utils.table with an encoder file already there: refused when the file records another
+    precision than the table's run would train in, reused when they agree."""
+    from utils import table
+    from models.encoder import build_encoder
+    from utils.checkpoint import load_encoder, read_encoder_metadata, save_encoder
+    cfg = dict(table.DEFAULTS, dataset="custom", epochs=1, preset="small", batch_size=32, threads=2,
+               pretrain_args="--max_steps=1 --patch_size=7 --cache_dir=cache " + " ".join(toy[1:]))
+    path = table.pretrain_if_missing(cfg, "pcl")
+    metadata = read_encoder_metadata(path)
+    assert metadata["precision"] == "float32"
+    assert table.pretrain_if_missing(cfg, "pcl") == path  # reused
+    encoder, _ = load_encoder(path, build_encoder)
+    save_encoder(path, encoder, {**metadata, "precision": "bf16"})
+    with pytest.raises(UserError, match="trained in bf16, now float32"):
+        table.pretrain_if_missing(cfg, "pcl")
 
 
 def test_finetune_says_when_cpu_amp_has_nothing_to_train(toy, monkeypatch, capsys):

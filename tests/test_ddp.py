@@ -134,3 +134,16 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     assert (tmp_path / "weights" / "custom" / "encoder.safetensors").is_file()
     state = torch.load(tmp_path / "runs" / "custom" / "encoder" / "checkpoint.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state["model"])  # the plain module, not the DDP wrapper
+
+
+def test_process_group_waits_longer_than_nccls_default(monkeypatch):
+    """The other ranks wait in a barrier while rank 0 downloads and segments a scene: the group
+    is joined with an hour's timeout (NCCL's default is 10 minutes), gloo on the CPU."""
+    joined = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: joined.append((backend, kwargs)))
+    assert distributed.setup(torch.device("cpu")) == (1, 2, torch.device("cpu"))
+    assert joined == [("gloo", {"rank": 1, "world_size": 2, "timeout": distributed.GROUP_TIMEOUT})]
+    assert distributed.GROUP_TIMEOUT.total_seconds() >= 3600

@@ -98,16 +98,44 @@ def check_cpu_amp(device, cpu_amp):
                         "AMX), so bf16 would be emulated and slower than float32; leave --cpu_amp=false")
 
 
+def cuda_has_bf16(device):
+    """Whether the GPU has bf16 arithmetic (compute capability 8.0 or later: A100, RTX 30xx and
+    newer); older ones (T4, V100, RTX 20xx) emulate bf16 matmuls slowly and cuDNN has no bf16
+    convolutions for them."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def training_precision(device, amp, cpu_amp):
+    """'bf16' where training runs the encoder's forward under bf16 autocast, else 'float32'.
+
+    amp: bf16 on a GPU with bf16 arithmetic (float32 on older GPUs: amp_note says so).
+    cpu_amp: bf16 on the CPU, for CPUs with bf16 arithmetic only (check_cpu_amp refuses others).
+    Scripts record it with their results, as amp and cpu_amp alone do not say what ran.
+    """
+    if device.type == "cuda" and amp:
+        return "bf16" if cuda_has_bf16(device) else "float32"
+    if device.type == "cpu" and cpu_amp:
+        check_cpu_amp(device, cpu_amp)
+        return "bf16"
+    return "float32"
+
+
+def amp_note(device, amp):
+    """A one-line note when --amp=true falls back to float32 on a GPU without bf16, else None."""
+    if device.type == "cuda" and amp and not cuda_has_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        return (f"note: --amp=true: {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) "
+                f"has no bf16 arithmetic (8.0 or later needed), so training runs in float32")
+    return None
+
+
 def autocast_for(device, amp, cpu_amp):
     """A no-argument callable returning the forward pass's autocast context (or a null one).
 
-    amp: bf16 autocast on CUDA. cpu_amp: bf16 autocast on the CPU, for CPUs with bf16
-    arithmetic only (check_cpu_amp). Losses and optimiser states stay float32 either way;
-    bf16 rounds differently, so a run with it does not reproduce a float32 run's numbers.
+    bf16 autocast where training_precision says bf16 (amp on a GPU with bf16 arithmetic,
+    cpu_amp on a CPU with it). Losses and optimiser states stay float32 either way; bf16
+    rounds differently, so a run with it does not reproduce a float32 run's numbers.
     """
-    if device.type == "cuda" and amp:
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    if device.type == "cpu" and cpu_amp:
-        check_cpu_amp(device, cpu_amp)
-        return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    if training_precision(device, amp, cpu_amp) == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext

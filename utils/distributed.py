@@ -6,11 +6,18 @@ on CUDA, gloo on CPU). Everything here is a no-op for a single process.
 """
 import os
 from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from utils.errors import UserError
+
+
+# how long a collective waits for the other processes: the other ranks wait in a barrier while
+# rank 0 downloads a scene and computes its SLIC superpixels (rank0_first), longer than NCCL's
+# default of 10 minutes on a slow connection
+GROUP_TIMEOUT = timedelta(hours=1)
 
 
 def world_from_env():
@@ -37,7 +44,8 @@ def setup(device):
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                timeout=GROUP_TIMEOUT)
     return rank, world, device
 
 

@@ -20,7 +20,7 @@ import pretrain_main
 from data import load_scene
 from utils.checkpoint import read_encoder_metadata
 from utils.config import format_config, resolve_config
-from utils.device import check_cpu_amp, pick_device
+from utils.device import check_cpu_amp, pick_device, training_precision
 from utils.errors import UserError, run_main
 from utils.fileio import finite_or_none, write_text
 
@@ -40,23 +40,32 @@ def weights_path(cfg, method):
 
 
 # settings that do not change what a run computes (where files are, devices, logging); a cut-short
-# run is not the same encoder, and bf16 (amp, cpu_amp) rounds differently, so a table keeps them apart
+# run is not the same encoder, and bf16 rounds differently, so a table keeps bf16 and float32 work
+# apart: by the precision a file records, or for older files by the flags (changed_settings)
 PRECISION = {"amp", "cpu_amp"}
 PRETRAIN_FREE = set(pretrain_main.RESUME_FREE) - {"epochs", "max_steps"} - PRECISION
 FINETUNE_FREE = {"data_dir", "download", "device", "threads", "results_dir", "save_map", "batch_size", "name"}
 
 
-def changed_settings(stored, expected, free, defaults):
+def changed_settings(stored, expected, free, defaults, precision=(None, None)):
     """['--name was X, now Y', ...] for every setting outside `free` whose stored value differs.
 
     A setting the stored config lacks (written before the setting existed) counts as its
     default in `defaults`, the value such a run computed with; a file with no stored config at
-    all matches nothing.
+    all matches nothing. precision: (stored, expected) 'bf16' or 'float32', what training ran
+    in and would run in; where the stored one was recorded it is compared instead of the amp
+    and cpu_amp flags, which alone do not say what ran (amp does nothing on a CPU or an older GPU).
     """
     if not isinstance(stored, dict):
         return ["its settings were not recorded"]
+    changed = []
+    if precision[0] is not None:
+        free = set(free) | PRECISION
+        if precision[0] != precision[1]:
+            changed.append(f"it was trained in {precision[0]}, now {precision[1]}")
     was = {k: stored.get(k, defaults.get(k)) for k in expected}
-    return [f"--{k} was {was[k]!r}, now {v!r}" for k, v in expected.items() if k not in free and was[k] != v]
+    return changed + [f"--{k} was {was[k]!r}, now {v!r}" for k, v in expected.items()
+                      if k not in free and was[k] != v]
 
 
 def pretrain_argv(cfg, path, method):
@@ -78,8 +87,10 @@ def pretrain_if_missing(cfg, method):
     if path.exists() and not cfg["force"]:
         defaults = {k: getattr(pretrain_main, k) for k in pretrain_main.SETTINGS}
         expected = pretrain_main.resolve_negatives(resolve_config(defaults, argv))
-        stored = read_encoder_metadata(path).get("pretrain_config")
-        changed = changed_settings(stored, expected, PRETRAIN_FREE, defaults)
+        metadata = read_encoder_metadata(path)
+        precision = (metadata.get("precision"),
+                     training_precision(pick_device(expected["device"]), expected["amp"], expected["cpu_amp"]))
+        changed = changed_settings(metadata.get("pretrain_config"), expected, PRETRAIN_FREE, defaults, precision)
         if changed:
             raise UserError(f"{path}: pretrained with other settings than this table's ({'; '.join(changed[:4])}); "
                             f"pass --force=true to pretrain it again, or --tag=NAME to keep both")
@@ -108,7 +119,8 @@ def stale_cell(path, argv, weights, scene_fingerprint):
         return "unreadable"
     defaults = {k: getattr(finetune, k) for k in finetune.SETTINGS}
     expected = resolve_config(defaults, argv)
-    changed = changed_settings(result.get("config"), expected, FINETUNE_FREE, defaults)
+    precision = (result.get("precision"), finetune.run_precision(expected, pick_device(expected["device"])))
+    changed = changed_settings(result.get("config"), expected, FINETUNE_FREE, defaults, precision)
     if changed:
         return "; ".join(changed[:4])
     if result.get("scene_fingerprint") != scene_fingerprint:
