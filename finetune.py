@@ -55,8 +55,9 @@ device = "auto"
 threads = 0
 amp = False                 # bf16 autocast on CUDA (GPUs with bf16: compute capability 8.0+) while training
                             # the encoder (protocol=finetune, supervised)
-cpu_amp = False             # the same on the CPU: only CPUs with bf16 arithmetic (AVX512-BF16 or AMX); 1.3x
-                            # to 1.5x faster paper-preset steps there, rounds differently (docs/BENCHMARKS.md)
+cpu_amp = False             # the same on the CPU: only CPUs with bf16 arithmetic (AVX512-BF16 or AMX);
+                            # 1.4x to 2.2x faster paper-preset steps than float32 there, rounds
+                            # differently (docs/BENCHMARKS.md)
 # -------------------------------------------------------------------------
 SETTINGS = [k for k in list(globals()) if not k.startswith("_") and k[0].islower()
             and isinstance(globals()[k], (bool, int, float, str))]

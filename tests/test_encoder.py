@@ -316,7 +316,7 @@ def test_fast_pixel_stage_batchnorms_read_contiguous_channels_last_slices():
 def test_stacks_run_channels_last_on_cpu(precision):
     """On CPU the stacks' BatchNorm and max-pool read channels-last maps in float32 (the stem
     Function's layout) and under bf16 autocast (the stem's Conv2d form gives NCHW maps; CPU
-    max-pool over NCHW is ~10x slower forward); the reference form stays NCHW."""
+    max-pool over NCHW is ~15x slower forward); the reference form stays NCHW."""
     enc = make("paper", bands=40)
     x = patches(4, bands=40)
     seen = []
@@ -585,3 +585,31 @@ def test_spectral_convs_read_their_input_through_the_nchw_gradient_copy(monkeypa
     with torch.autocast("cpu", dtype=torch.bfloat16):
         stem(torch.randn(2, BANDS, 5, 5)).float().sum().backward()
     assert len(calls) == 2
+
+
+def test_sync_batchnorm_encoder_on_cpu_equals_the_reference(monkeypatch):
+    """The float32 path CUDA takes (the stem's Conv2d form under autograd, SyncBatchNorm layers
+    as pretrain_main converts them under torchrun): on CPU without a process group SyncBatchNorm
+    falls back to plain batch norm, so the path runs here; the reference form's values,
+    gradients and running statistics, in train and eval mode, and the same parameter names."""
+    import models.encoder as encoder_module
+    monkeypatch.setattr(encoder_module, "stem_reduce_cpu", None)  # the CPU Function must not run
+    plain = make("paper", bands=40)
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain))
+    ref = copy.deepcopy(plain).set_fast(False)
+    assert synced.state_dict().keys() == plain.state_dict().keys()
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.global_branch.stem.modules())
+    x = patches(4, bands=40)
+    out_s, out_r = synced(x), ref(x)
+    for key in out_s:
+        torch.testing.assert_close(out_s[key], out_r[key], rtol=1e-4, atol=1e-5)
+    for model, out in ((synced, out_s), (ref, out_r)):
+        (out["global_z"][:, 0].sum() + out["local_z"][:, 0].sum()).backward()
+    assert_grads_close(synced, ref)
+    for (name, a), b in zip(synced.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    synced.eval(), ref.eval()
+    with torch.no_grad():
+        out_s, out_r = synced(x), ref(x)
+    for key in out_s:
+        torch.testing.assert_close(out_s[key], out_r[key], rtol=1e-4, atol=1e-5)
