@@ -46,8 +46,9 @@ tests check the two agree in outputs, gradients and BatchNorm statistics):
   written out, as PyTorch's fused CPU kernel is slower at these tiny sequences, forward and
   backward (bench.micro times both). Reference: the written-out form. The conv-qkv output is made
   contiguous along the tokens first (the channel attention normalises along them). The channel
-  attention on CPU scales its (d, d) scores by the inverse norms of q and k instead of
-  normalising q and k (`cosine_attention`; reference: F.normalize, then the written-out form).
+  attention on CPU under bf16 autocast scales its (d, d) scores by the inverse norms of q and k
+  instead of normalising q and k (`cosine_attention`; reference: F.normalize, then the
+  written-out form).
 - the stacks on CPU read channels-last copies of their slices of the pixel stage (NHWC convs
   and max-pool, also under bf16 autocast, where the stem's Conv2d form gives NCHW maps).
 - the two stacks' first 1x1 convs read the same (N, C*B', P, P) input and run as one.
@@ -564,11 +565,13 @@ class ChannelAttention(nn.Module):
         q, k, v = qkv.unbind(1)  # each (N, heads, d, T)
         if not self.fast:
             out = explicit_attention(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, self.temperature)
-        elif fused_attention_available(q):  # a scalar scale there: norms and temperature go into q and k
+        elif q.dtype == torch.bfloat16 and not fused_attention_available(q):
+            # CPU bf16 autocast: dividing these strided bf16 slices is slow, so scale the scores
+            out = cosine_attention(q, k, v, self.temperature)  # (N, heads, d, T)
+        else:  # float32 (no faster the other way, and its numbers stay those of earlier releases);
+            # CUDA, whose fused kernels take a scalar scale: norms and temperature go into q and k
             q = F.normalize(q, dim=-1) * self.temperature.to(q.dtype)  # q's dtype, whatever autocast made it
             out = attention(q, F.normalize(k, dim=-1), v, 1.0)
-        else:
-            out = cosine_attention(q, k, v, self.temperature)  # (N, heads, d, T)
         return self.proj(out.reshape(N, C, T).transpose(1, 2))  # (N, T, C)
 
 

@@ -268,6 +268,30 @@ def test_cosine_attention_equals_normalise_then_attend():
     assert torch.isfinite(grads[0][0]).all()
 
 
+def test_channel_attention_scales_scores_only_under_cpu_bf16(monkeypatch):
+    """The CPU channel attention takes cosine_attention under bf16 autocast (close to the
+    reference form, within bf16 rounding) and keeps normalising q and k in float32, where it is
+    no faster, so float32 numbers stay those of earlier releases."""
+    import models.encoder as encoder_module
+    calls = []
+    monkeypatch.setattr(encoder_module, "cosine_attention",
+                        lambda *a: calls.append(a[0].dtype) or cosine_attention(*a))
+    torch.manual_seed(0)
+    fast = ChannelAttention(32, 4, grid=5)
+    ref = copy.deepcopy(fast)
+    for m in ref.modules():
+        if hasattr(m, "fast"):
+            m.fast = False
+    x = torch.randn(4, 25, 32)
+    fast(x)
+    assert calls == []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fast(x).float()
+    assert calls == [torch.bfloat16]
+    expected = ref(x)
+    assert F.cosine_similarity(out.flatten(), expected.flatten(), dim=0) > 0.999
+
+
 def test_conv_qkv_fast_form_is_contiguous_along_tokens():
     qkv = ConvQKV(16, grid=5)
     x = torch.randn(3, 25, 16)
