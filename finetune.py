@@ -306,8 +306,9 @@ def main(argv):
     if config["cpu_amp"] and device.type == "cpu" and not trains_encoder:
         print(f"note: --cpu_amp applies to training the encoder (--protocol=finetune, --method=supervised); "
               f"this run ({config['method']}, {protocol}) trains none and runs in float32")
-    if trains_encoder and amp_note(device, config["amp"]):
-        print(amp_note(device, config["amp"]))
+    note = amp_note(device, config["amp"]) if trains_encoder else None
+    if note:
+        print(note)
     precision = run_precision(config, device)  # recorded with the results
 
     t_start = time.time()

@@ -280,8 +280,9 @@ def main(argv):
     say = print if rank == 0 else (lambda *args, **kwargs: None)  # only rank 0 reports
     say(f"pretrain_main.py  commit {git_commit()}  device {device} ({precision})  torch {torch.__version__}")
     say(format_config(config))
-    if amp_note(device, config["amp"]):
-        say(amp_note(device, config["amp"]))
+    note = amp_note(device, config["amp"])
+    if note:
+        say(note)
 
     # 1. scene, standardised once per scene (finetune.py applies the same function)
     with distributed.rank0_first(world):  # one download, then the other ranks read the files

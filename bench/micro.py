@@ -2,7 +2,8 @@
 
     python -m bench.micro [--threads=2] [--keep_freed_memory=false]
 
-Prints, min and median over 5 timed repeats after one warm-up:
+Prints, min and median over 5 timed repeats after one warm-up (31 for the channel attention
+and max-pool cases, 15 for the attention ones; medians only where a line shows one):
 - one 376 MB per-channel pass (the stem's BatchNorm multiply-add over 512 paper-preset
   patches' (M, 8) rows): 8-wide rows, the 128-wide view, and into an existing buffer;
 - a fresh 376 MB tensor filled, against refilling one that exists (page-fault cost);

@@ -69,7 +69,8 @@ from models.encoder import PCLEncoder, PRESETS, SmallMapConv2d, count_parameters
 from models.negatives import MODES                                    # noqa: E402
 from utils.checkpoint import git_commit, save_encoder                 # noqa: E402
 from utils.config import format_config, resolve_config                # noqa: E402
-from utils.device import autocast_for, check_cpu_amp, fused_adam, pick_device, set_allocator_policy  # noqa: E402
+from utils.device import (amp_note, autocast_for, check_cpu_amp, fused_adam, pick_device,  # noqa: E402
+                          set_allocator_policy, training_precision)
 from utils.errors import UserError, run_main                          # noqa: E402
 from utils.fileio import write_json                                   # noqa: E402
 
@@ -392,12 +393,14 @@ def main(argv, log=print):
         if config["batch_size"] > h * w:
             raise UserError(f"--batch_size={config['batch_size']} exceeds the scene's {h * w} pixels")
         encoder, pre = bench_pretrain(config, cutter, spectra_t, pseudo_t, labels_t, device, b, log)
+        pre["precision"] = training_precision(device, pretrain_main.amp, config["cpu_amp"])
         result["pretrain"] = pre
         result["pretrain_anchors_per_s"] = pre["anchors_per_s"]["median"]
         # backward ~ 2 x forward; two views of every anchor
         result["pretrain_flops_per_s"] = 3 * flops * 2 * result["pretrain_anchors_per_s"]
     if "finetune" in wanted:
         ft = bench_finetune(config, encoder, cutter, gt, k, device, log)
+        ft["precision"] = training_precision(device, finetune.amp, config["cpu_amp"])
         result["finetune"] = ft
         result["finetune_samples_per_s"] = ft["samples_per_s"]["median"]
         result["finetune_flops_per_s"] = 3 * flops * result["finetune_samples_per_s"]

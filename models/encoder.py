@@ -485,7 +485,8 @@ def explicit_attention(q, k, v, scale):
 
 
 def inverse_norm(t, eps=1e-12):
-    """1 / max(|t|, eps) along the last axis, as F.normalize divides: (..., L, E) -> (..., L, 1)."""
+    """1 / max(|t|, eps) along the last axis, as F.normalize divides: (..., L, E) -> (..., L, 1).
+    float32 and bf16 (eps^2 = 1e-24 underflows to 0 in float16, where a zero row would give inf)."""
     return t.square().sum(dim=-1, keepdim=True).clamp_min(eps * eps).rsqrt()
 
 
@@ -495,7 +496,8 @@ def cosine_attention(q, k, v, temperature):
     the (..., L, L) scores -> (..., L, Ev).
 
     The norms scale the scores, (q k^T)_ij / (|q_i| |k_j|), instead of dividing q and k: the
-    same values with fewer passes over the (..., L, E) inputs. `python -m bench.micro`, the
+    same values up to rounding (in bf16 it rounds differently from normalise-then-attend) with
+    fewer passes over the (..., L, E) inputs. `python -m bench.micro`, the
     channel attention's heads of 64 patches, forward + backward: half the time under CPU bf16
     autocast (where dividing the strided bf16 slices is slow), the same in float32.
     """

@@ -47,6 +47,8 @@ def test_bench_tiny_writes_json(tmp_path):
     assert result["config"]["batch_size"] == 16 and result["form"] == "fast"
     from utils.checkpoint import git_commit
     assert result["commit"] == git_commit()  # which code the figures are of
+    # what the timed training ran in: float32 here (pretraining's default amp=true is for GPUs)
+    assert result["pretrain"]["precision"] == result["finetune"]["precision"] == "float32"
 
 
 def test_bench_times_finetuning_steps_inside_one_training_run(tmp_path, monkeypatch):

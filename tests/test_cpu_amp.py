@@ -100,6 +100,12 @@ def test_scripts_record_the_precision_that_ran(toy, monkeypatch):
                                    f"--cpu_amp={flag}", "--amp=true", "--save_map=false", "--weights=weights/custom/p_false.safetensors",
                                    f"--name={protocol}_{flag}"])
         assert json.loads(Path(out).read_text())["precision"] == precision
+    import bench.run
+    path = bench.run.main(["--dataset=tiny", "--preset=small", "--patch_size=5", "--batch_size=8",
+                           "--finetune_batch_size=6", "--steps=1", "--warmup=0", "--parts=pretrain,finetune",
+                           "--threads=1", "--cpu_amp=true", "--out=b.json"], log=lambda *a: None)
+    result = json.loads(Path(path).read_text())
+    assert result["pretrain"]["precision"] == result["finetune"]["precision"] == "bf16"
 
 
 @pytest.mark.parametrize("script", ["pretrain_main", "finetune", "bench.run", "utils.table"])

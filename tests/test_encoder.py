@@ -612,10 +612,11 @@ def test_spectral_convs_read_their_input_through_the_nchw_gradient_copy(monkeypa
 
 
 def test_sync_batchnorm_encoder_on_cpu_equals_the_reference(monkeypatch):
-    """The float32 path CUDA takes (the stem's Conv2d form under autograd, SyncBatchNorm layers
-    as pretrain_main converts them under torchrun): on CPU without a process group SyncBatchNorm
-    falls back to plain batch norm, so the path runs here; the reference form's values,
-    gradients and running statistics, in train and eval mode, and the same parameter names."""
+    """The stem's Conv2d form under autograd with SyncBatchNorm layers, as pretrain_main converts
+    them under torchrun on GPUs (in float32 the path CUDA takes through the stem): on CPU without
+    a process group SyncBatchNorm falls back to plain batch norm, so it runs here; the reference
+    form's values, gradients and running statistics, in train and eval mode, and the same
+    parameter names."""
     import models.encoder as encoder_module
     monkeypatch.setattr(encoder_module, "stem_reduce_cpu", None)  # the CPU Function must not run
     plain = make("paper", bands=40)
