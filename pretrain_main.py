@@ -67,8 +67,8 @@ device = "auto"             # auto = CUDA when present, else CPU
 amp = True                  # bf16 autocast on CUDA GPUs with bf16 arithmetic (compute capability 8.0+);
                             # older GPUs and the CPU run float32
 cpu_amp = False             # bf16 autocast on the CPU too: only CPUs with bf16 arithmetic (AVX512-BF16 or
-                            # AMX); 1.2x to 1.9x faster paper-preset steps than float32 there, rounds differently from
-                            # float32 (docs/BENCHMARKS.md)
+                            # AMX); 1.2x to 1.9x faster paper-preset steps than float32 there, rounds
+                            # differently from float32 (docs/BENCHMARKS.md)
 threads = 0                 # CPU threads for torch; 0 = torch's default
 low_memory = False          # recompute activations in backward: same numbers, about a third of the peak
                             # memory of --preset=paper on CPU, about half the speed (docs/BENCHMARKS.md)

@@ -347,6 +347,9 @@ def main(argv, log=print):
     name = device_name(device)
     log(f"bench.run  device {device} ({name})  torch {torch.__version__}  threads {torch.get_num_threads()}")
     log(format_config(config))
+    note = amp_note(device, pretrain_main.amp)  # a GPU without bf16: the timed training runs float32
+    if note:
+        log(note)
 
     cube, gt = synthetic_scene(h, w, b, k, config["labelled_share"], config["seed"])
     scene_name = config["dataset"] if config["dataset"] in SCENES else "tiny"
