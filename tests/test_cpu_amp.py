@@ -219,7 +219,7 @@ def test_table_keeps_bf16_and_float32_work_apart():
         stored, expected = {"lr": 1e-3, "amp": True}, {"amp": False, "cpu_amp": False, "lr": 1e-3}
         assert changed_settings(stored, expected, free, defaults, ("float32", "float32")) == []
         assert changed_settings(stored, expected, free, defaults, ("bf16", "float32")) == \
-            ["it was trained in bf16, now float32"]
+            ["it was trained in bf16, this run would train in float32"]
         assert changed_settings(stored, expected, free, defaults, (None, "float32")) == ["--amp was True, now False"]
 
 
@@ -237,7 +237,7 @@ def test_table_reuses_an_encoder_only_if_it_ran_in_the_same_precision(toy, monke
     assert table.pretrain_if_missing(cfg, "pcl") == path  # reused
     encoder, _ = load_encoder(path, build_encoder)
     save_encoder(path, encoder, {**metadata, "precision": "bf16"})
-    with pytest.raises(UserError, match="trained in bf16, now float32"):
+    with pytest.raises(UserError, match="trained in bf16, this run would train in float32"):
         table.pretrain_if_missing(cfg, "pcl")
 
 

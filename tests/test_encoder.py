@@ -145,25 +145,30 @@ def assert_grads_close(fast, ref):
         assert err <= 1e-4 * scale + 1e-7, f"{name}: max diff {err:.2e} (scale {scale:.2e})"
 
 
+def assert_encoder_equals_reference(model, ref, x):
+    """model and ref (the reference form, the same weights) agree on x: outputs in train mode
+    (batch statistics), parameter gradients, BatchNorm running statistics (4-D vs 5-D buffers),
+    then outputs in eval mode."""
+    out_m, out_r = model(x), ref(x)
+    for key in out_m:
+        torch.testing.assert_close(out_m[key], out_r[key], rtol=1e-4, atol=1e-5)
+    w = torch.randn(out_m["global_z"].shape)
+    for net, out in ((model, out_m), (ref, out_r)):
+        ((out["global_z"] * w).sum() + out["local_z"][:, 0].sum()).backward()
+    assert_grads_close(model, ref)
+    for (name, a), b in zip(model.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    model.eval(), ref.eval()
+    with torch.no_grad():
+        out_m, out_r = model(x), ref(x)
+    for key in out_m:
+        torch.testing.assert_close(out_m[key], out_r[key], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("preset", ["small", "paper"])
 def test_fast_equals_reference(preset):
     fast = make(preset)
-    ref = copy.deepcopy(fast).set_fast(False)
-    x = patches(8)
-    out_f, out_r = fast(x), ref(x)  # train mode: batch statistics
-    for key in out_f:
-        torch.testing.assert_close(out_f[key], out_r[key], rtol=1e-4, atol=1e-5)
-    w = torch.randn(out_f["global_z"].shape)
-    for model, out in ((fast, out_f), (ref, out_r)):
-        ((out["global_z"] * w).sum() + out["local_z"][:, 0].sum()).backward()
-    assert_grads_close(fast, ref)
-    for (name, a), b in zip(fast.named_buffers(), ref.buffers()):  # BN running stats, 4-D vs 5-D
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
-    fast.eval(), ref.eval()
-    with torch.no_grad():
-        out_f, out_r = fast(x), ref(x)
-    for key in out_f:
-        torch.testing.assert_close(out_f[key], out_r[key], rtol=1e-4, atol=1e-5)
+    assert_encoder_equals_reference(fast, copy.deepcopy(fast).set_fast(False), patches(8))
 
 
 @pytest.mark.parametrize("module", [
@@ -624,17 +629,4 @@ def test_sync_batchnorm_encoder_on_cpu_equals_the_reference(monkeypatch):
     ref = copy.deepcopy(plain).set_fast(False)
     assert synced.state_dict().keys() == plain.state_dict().keys()
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.global_branch.stem.modules())
-    x = patches(4, bands=40)
-    out_s, out_r = synced(x), ref(x)
-    for key in out_s:
-        torch.testing.assert_close(out_s[key], out_r[key], rtol=1e-4, atol=1e-5)
-    for model, out in ((synced, out_s), (ref, out_r)):
-        (out["global_z"][:, 0].sum() + out["local_z"][:, 0].sum()).backward()
-    assert_grads_close(synced, ref)
-    for (name, a), b in zip(synced.named_buffers(), ref.buffers()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
-    synced.eval(), ref.eval()
-    with torch.no_grad():
-        out_s, out_r = synced(x), ref(x)
-    for key in out_s:
-        torch.testing.assert_close(out_s[key], out_r[key], rtol=1e-4, atol=1e-5)
+    assert_encoder_equals_reference(synced, ref, patches(4, bands=40))

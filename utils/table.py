@@ -62,7 +62,7 @@ def changed_settings(stored, expected, free, defaults, precision=(None, None)):
     if precision[0] is not None:
         free = set(free) | PRECISION
         if precision[0] != precision[1]:
-            changed.append(f"it was trained in {precision[0]}, now {precision[1]}")
+            changed.append(f"it was trained in {precision[0]}, this run would train in {precision[1]}")
     was = {k: stored.get(k, defaults.get(k)) for k in expected}
     return changed + [f"--{k} was {was[k]!r}, now {v!r}" for k, v in expected.items()
                       if k not in free and was[k] != v]
