@@ -46,6 +46,7 @@ finetune_batch_size = 64    # fine-tuning samples per step (finetune.py's defaul
 inference_batch_size = 512  # finetune.py's --batch_size
 steps = 5                   # timed repeats of each step
 warmup = 1                  # untimed steps first
+busy_steps = 3              # then steps as the scripts run them, under torch.profiler: the busy share; 0 = none
 parts = "slic,pretrain,finetune,inference"  # what to measure (comma-separated)
 labelled_share = 0.25       # share of the scene's blocks that carry a class label
 device = "auto"
@@ -57,6 +58,7 @@ SETTINGS = [k for k in list(globals()) if not k.startswith("_") and k[0].islower
             and isinstance(globals()[k], (bool, int, float, str))]
 
 import finetune                                                       # noqa: E402
+from bench.busy import busy_share                                     # noqa: E402
 import pretrain_main                                                  # noqa: E402
 from data.loading import Scene                                        # noqa: E402
 from data.patches import PatchCutter                                  # noqa: E402
@@ -235,12 +237,28 @@ def bench_pretrain(config, cutter, spectra_t, pseudo_t, labels_t, device, n_band
         if step >= config["warmup"]:
             records.append(dict(timer.parts, total=total))
     totals = [r["total"] for r in records]
-    return model, {
+    result = {
         "anchors_per_s": summary([config["batch_size"] / t for t in totals]),
         "seconds_per_step": summary(totals),
         "parts_s": {p: summary([r[p] for r in records]) for p in ("data", "forward", "loss", "backward_step")},
         "loss": float(loss.item()),
     }
+
+    def untimed_steps():  # pretrain_main's loop: no synchronisation but its own loss.item() every step
+        for _ in range(config["busy_steps"]):
+            batch_index = torch.randint(n_pixels, (config["batch_size"],), generator=order_gen).to(device)
+            loss, _ = pretrain_main.train_step(model, cutter, batch_index, spectra_t, pseudo_t, labels_t, cfg,
+                                               view_gen, mine_gen, autocast)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss.item()
+
+    if config["busy_steps"]:
+        result["busy"] = busy_share(untimed_steps, device, synchronizer(device))
+        log(f"  pretrain: {device.type} busy {result['busy']['busy_share']:.1%} of "
+            f"{config['busy_steps']} unsynchronised steps (torch.profiler)")
+    return model, result
 
 
 def bench_finetune(config, encoder, cutter, gt, n_classes, device, log):
@@ -271,8 +289,18 @@ def bench_finetune(config, encoder, cutter, gt, n_classes, device, log):
     if len(ends) != n_steps:
         raise RuntimeError(f"fine-tuning ran {len(ends)} steps, expected {n_steps}")
     times = list(np.diff([start] + ends)[config["warmup"]:])
-    return {"samples_per_s": summary([batch / t for t in times]),
-            "seconds_per_step": summary(times)}
+    result = {"samples_per_s": summary([batch / t for t in times]),
+              "seconds_per_step": summary(times)}
+    if config["busy_steps"]:  # a second, shorter run as finetune.py runs it (its optimiser's set-up included)
+        n_more = batch * config["busy_steps"]
+        more = rng.choice(labelled, n_more, replace=len(labelled) < n_more)
+        result["busy"] = busy_share(lambda: train_classifier(
+            model, cutter, more, gt.ravel()[more], epochs=1, batch_size=batch, seed=config["seed"],
+            fused=False if config["reference"] else None,
+            autocast=autocast_for(device, finetune.amp, config["cpu_amp"])), device, sync)
+        log(f"  finetune: {device.type} busy {result['busy']['busy_share']:.1%} of "
+            f"{config['busy_steps']} unsynchronised steps (torch.profiler)")
+    return result
 
 
 def scene_map(encoder, scene, cube_std, device, batch_size=512, seed=0, fast=True):
@@ -335,8 +363,9 @@ def main(argv, log=print):
     wanted = [p.strip() for p in config["parts"].split(",") if p.strip()]
     if not wanted or set(wanted) - set(PARTS):
         raise UserError(f"--parts={config['parts']}: expected a comma-separated subset of {','.join(PARTS)}")
-    if config["steps"] < 1 or config["warmup"] < 0 or config["batch_size"] < 2 or config["finetune_batch_size"] < 2:
-        raise UserError("--steps must be >= 1, --warmup >= 0, and the batch sizes >= 2")
+    if (config["steps"] < 1 or config["warmup"] < 0 or config["busy_steps"] < 0 or config["batch_size"] < 2
+            or config["finetune_batch_size"] < 2):
+        raise UserError("--steps must be >= 1, --warmup and --busy_steps >= 0, and the batch sizes >= 2")
     if config["patch_size"] < 5 or config["patch_size"] % 2 == 0:
         raise UserError(f"--patch_size={config['patch_size']}: expected an odd number >= 5")
     if config["threads"] > 0:

@@ -4,18 +4,22 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 import finetune
+from bench import busy
 from bench import run as bench
 from data.loading import Scene
 from data.preprocess import standardise
 from data.scenes import palette
 from models.encoder import PCLEncoder, SmallMapConv2d
+from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"dim": 8, "depth": 1, "heads": 2, "ffn_ratio": 2, "stem_channels": 2, "resnet_widths": [4, 8],
@@ -65,7 +69,7 @@ def test_bench_times_finetuning_steps_inside_one_training_run(tmp_path, monkeypa
     monkeypatch.setattr(bench, "train_classifier", spy)
     lines = []
     path = bench.main(["--dataset=tiny", "--preset=small", "--patch_size=5", "--batch_size=8",
-                       "--finetune_batch_size=6", "--steps=3", "--warmup=2", "--parts=finetune",
+                       "--finetune_batch_size=6", "--steps=3", "--warmup=2", "--busy_steps=0", "--parts=finetune",
                        "--threads=1", f"--out={tmp_path / 'f.json'}"], log=lines.append)
     result = json.loads(path.read_text())
     assert calls == [6 * 5] and len(steps_seen) == 5  # warm-up + timed steps, one optimiser step each
@@ -95,14 +99,15 @@ def test_bench_reference_form_and_size_overrides(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.optim, "Adam", SpyAdam)
     path = bench.main(["--dataset=SalinasA", "--height=12", "--width=9", "--bands=5", "--preset=small",
                        "--patch_size=5", "--batch_size=8", "--finetune_batch_size=4", "--steps=1", "--warmup=0",
-                       "--parts=pretrain,finetune", "--reference=true", "--threads=1", f"--out={tmp_path / 'r.json'}"],
+                       "--busy_steps=1", "--parts=pretrain,finetune", "--reference=true", "--threads=1",
+                       f"--out={tmp_path / 'r.json'}"],
                       log=lambda *a: None)
     result = json.loads(path.read_text())
     assert result["scene_shape"] == [12, 9, 5] and result["form"] == "reference"
     assert result["pretrain_anchors_per_s"] > 0 and result["finetune_samples_per_s"] > 0
     assert "inference" not in result
     assert built and not any(built)  # every forward pass ran the reference form
-    assert fused == [False, False]  # pretraining and fine-tuning: torch's default Adam
+    assert fused == [False] * 3  # pretraining, fine-tuning and its profiled run: torch's default Adam
 
 
 def test_every_pixel_is_predicted():
@@ -340,3 +345,80 @@ def test_cuda_timing_waits_on_the_benchmarked_gpu(monkeypatch):
     assert calls == [torch.device("cuda", 1)] * 2
     bench.synchronizer(torch.device("cpu"))()
     assert len(calls) == 2  # nothing to wait for on the CPU
+
+
+def test_covered_length_counts_overlaps_once_and_clips_to_the_window():
+    assert busy.covered_length([], 0, 10) == 0
+    assert busy.covered_length([(1, 3), (2, 5), (7, 8)], 0, 10) == 5     # [1, 5) and [7, 8)
+    assert busy.covered_length([(1, 9), (2, 3), (4, 5)], 0, 10) == 8     # nested intervals
+    assert busy.covered_length([(-5, 2), (8, 20), (11, 12)], 0, 10) == 4  # clipped at both ends
+    assert busy.covered_length([(3, 4), (1, 2)], 0, 10) == 2             # any order
+    assert busy.covered_length([(12, 15), (-3, -1)], 0, 10) == 0         # wholly outside
+
+
+def test_gpu_work_is_kernels_copies_and_memsets_on_the_benchmarked_gpu():
+    """The CUDA filter, on events shaped like torch.profiler's: the GPU's mirror of an
+    annotation spans the whole window and is no work, nor are host-side runtime calls or
+    another GPU's kernels."""
+    def event(kind, index, start, end, device_type="cuda"):
+        return SimpleNamespace(activity_type=kind, device_index=index, time_range=SimpleNamespace(start=start, end=end),
+                               device_type=device_type)
+    events = [event("kernel", 1, 0, 2), event("gpu_memcpy", 1, 3, 4), event("gpu_memset", 1, 5, 6),
+              event("kernel", 0, 6, 9), event("gpu_user_annotation", 1, 0, 10), event("cuda_runtime", 1, 0, 10),
+              event("cpu_op", -1, 0, 10, "cpu")]
+    assert busy.work_intervals(events, torch.device("cuda", 1)) == [(0, 2), (3, 4), (5, 6)]
+    assert busy.work_intervals(events, torch.device("cpu")) == [(0, 10)]
+
+
+def test_busy_share_counts_time_inside_torch_operators_on_the_cpu():
+    a = torch.randn(128, 128)
+
+    def steps(pause):
+        def run():
+            for _ in range(10):
+                a @ a
+            time.sleep(pause)
+        return run
+
+    busy_run = busy.busy_share(steps(0.0), torch.device("cpu"))
+    idle_run = busy.busy_share(steps(0.2), torch.device("cpu"))
+    assert busy_run["work_events"] >= 10 and 0.5 < busy_run["busy_share"] <= 1
+    assert idle_run["window_s"] - idle_run["busy_s"] >= 0.19  # the sleep is no work
+    assert 0 < idle_run["busy_share"] < busy_run["busy_share"]
+
+
+def test_bench_reports_the_busy_share_of_unsynchronised_steps(tmp_path, monkeypatch):
+    """The profiled window holds --busy_steps steps run as the scripts run them: no part timer
+    (which synchronises a GPU at every part) inside pretraining's steps, no per-step callback in
+    fine-tuning's."""
+    inside, seen = [False], []
+
+    def spy_busy(run, device, sync=lambda: None):
+        inside[0] = True
+        try:
+            return real_busy(run, device, sync)
+        finally:
+            inside[0] = False
+
+    def spy_step(*args, mark=None, **kwargs):
+        seen.append(("pretrain", inside[0], mark is None))
+        return real_step(*args, mark=mark, **kwargs)
+
+    def spy_train(*args, on_step=None, **kwargs):
+        seen.append(("finetune", inside[0], on_step is None))
+        return real_train(*args, on_step=on_step, **kwargs)
+
+    real_busy, real_step, real_train = bench.busy_share, bench.pretrain_main.train_step, bench.train_classifier
+    monkeypatch.setattr(bench, "busy_share", spy_busy)
+    monkeypatch.setattr(bench.pretrain_main, "train_step", spy_step)
+    monkeypatch.setattr(bench, "train_classifier", spy_train)
+    path = bench.main(["--dataset=tiny", "--preset=small", "--patch_size=5", "--batch_size=8",
+                       "--finetune_batch_size=6", "--steps=1", "--warmup=1", "--busy_steps=2",
+                       "--parts=pretrain,finetune", "--threads=1", f"--out={tmp_path / 'b.json'}"], log=print)
+    result = json.loads(path.read_text())
+    for part in ("pretrain", "finetune"):
+        assert 0 < result[part]["busy"]["busy_share"] <= 1 and result[part]["busy"]["work_events"] > 0
+    assert seen == [("pretrain", False, False)] * 2 + [("pretrain", True, True)] * 2 \
+        + [("finetune", False, False), ("finetune", True, True)]
+    with pytest.raises(UserError, match="busy_steps"):
+        bench.main(["--dataset=tiny", "--busy_steps=-1", f"--out={tmp_path / 'x.json'}"])
