@@ -349,11 +349,22 @@ def bench_inference(config, scene, cube_std, encoder, device, log):
             "setup_seconds": setup_seconds, "labelled_pixels": int((scene.gt > 0).sum())}
 
 
-def peak_memory(device):
+def cuda_peak_since_last_call(device):
+    """CUDA: the peak memory allocated on `device` (MB) since the last call, which then resets
+    that peak (tensors alive at the reset count from their level); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
+def peak_memory(device, cuda_peaks_mb=()):
+    """The process's peak RSS (MB) and, on CUDA, the highest of the parts' CUDA peaks."""
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
     peak = {"peak_rss_mb": rss_kb / 1024}
     if device.type == "cuda":
-        peak["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        peak["cuda_max_allocated_mb"] = max([*cuda_peaks_mb, cuda_peak_since_last_call(device)])
     return peak
 
 
@@ -421,11 +432,20 @@ def main(argv, log=print):
 
     if not config["reference"]:  # as the scripts (finetune.py: never low_memory); the reference form keeps glibc's defaults
         set_allocator_policy(device, config["low_memory"] and "pretrain" in wanted, config["keep_freed_memory"])
+    cuda_peaks = [cuda_peak_since_last_call(device)]  # set-up; then each part's own peak
+
+    def record_cuda_peak(part):
+        peak = cuda_peak_since_last_call(device)
+        if peak is not None:
+            part["cuda_max_allocated_mb"] = peak
+            cuda_peaks.append(peak)
+
     if "pretrain" in wanted:
         if config["batch_size"] > h * w:
             raise UserError(f"--batch_size={config['batch_size']} exceeds the scene's {h * w} pixels")
         encoder, pre = bench_pretrain(config, cutter, spectra_t, pseudo_t, labels_t, device, b, log)
         pre["precision"] = training_precision(device, pretrain_main.amp, config["cpu_amp"])
+        record_cuda_peak(pre)
         result["pretrain"] = pre
         result["pretrain_anchors_per_s"] = pre["anchors_per_s"]["median"]
         # backward ~ 2 x forward; two views of every anchor
@@ -433,17 +453,19 @@ def main(argv, log=print):
     if "finetune" in wanted:
         ft = bench_finetune(config, encoder, cutter, gt, k, device, log)
         ft["precision"] = training_precision(device, finetune.amp, config["cpu_amp"])
+        record_cuda_peak(ft)
         result["finetune"] = ft
         result["finetune_samples_per_s"] = ft["samples_per_s"]["median"]
         result["finetune_flops_per_s"] = 3 * flops * result["finetune_samples_per_s"]
     if "inference" in wanted:
         inf = bench_inference(config, scene, cube_std, encoder, device, log)
+        record_cuda_peak(inf)
         result["inference"] = inf
         result["inference_pixels_per_s"] = inf["pixels_per_s"]
         per_pixel = flops if config["reference"] else map_flops(encoder, config["patch_size"], b, device)
         result["inference_flops_per_pixel"] = per_pixel
         result["inference_flops_per_s"] = per_pixel * inf["pixels_per_s"]
-    result.update(peak_memory(device))
+    result.update(peak_memory(device, [p for p in cuda_peaks if p is not None]))
     log(f"  peak RSS {result['peak_rss_mb']:.0f} MB"
         + (f", CUDA max allocated {result['cuda_max_allocated_mb']:.0f} MB" if device.type == "cuda" else ""))
 

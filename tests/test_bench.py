@@ -371,18 +371,18 @@ def test_gpu_work_is_kernels_copies_and_memsets_on_the_benchmarked_gpu():
 
 
 def test_busy_share_counts_time_inside_torch_operators_on_the_cpu():
-    a = torch.randn(128, 128)
+    a = torch.randn(512, 512)  # milliseconds per operator, so the Python between them is a small share
 
     def steps(pause):
         def run():
-            for _ in range(10):
+            for _ in range(5):
                 a @ a
             time.sleep(pause)
         return run
 
     busy_run = busy.busy_share(steps(0.0), torch.device("cpu"))
     idle_run = busy.busy_share(steps(0.2), torch.device("cpu"))
-    assert busy_run["work_events"] >= 10 and 0.5 < busy_run["busy_share"] <= 1
+    assert busy_run["work_events"] >= 5 and 0.5 < busy_run["busy_share"] <= 1
     assert idle_run["window_s"] - idle_run["busy_s"] >= 0.19  # the sleep is no work
     assert 0 < idle_run["busy_share"] < busy_run["busy_share"]
 
@@ -422,3 +422,18 @@ def test_bench_reports_the_busy_share_of_unsynchronised_steps(tmp_path, monkeypa
         + [("finetune", False, False), ("finetune", True, True)]
     with pytest.raises(UserError, match="busy_steps"):
         bench.main(["--dataset=tiny", "--busy_steps=-1", f"--out={tmp_path / 'x.json'}"])
+
+
+def test_cuda_peak_memory_is_measured_per_part_and_the_runs_is_their_highest(monkeypatch):
+    """Each part's CUDA peak starts from a reset, so fine-tuning's is not pretraining's; the
+    run's cuda_max_allocated_mb is the highest of them (no GPU needed: torch.cuda is patched)."""
+    allocator = {"peak_mb": 300}
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocator["peak_mb"] * 2 ** 20)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: allocator.update(peak_mb=100))
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert bench.cuda_peak_since_last_call(gpu) == 300
+    assert bench.cuda_peak_since_last_call(gpu) == 100  # the first call reset the peak
+    assert bench.peak_memory(gpu, [250.0, 120.0])["cuda_max_allocated_mb"] == 250
+    allocator["peak_mb"] = 400
+    assert bench.peak_memory(gpu, [250.0])["cuda_max_allocated_mb"] == 400  # the part since the last call
+    assert bench.cuda_peak_since_last_call(cpu) is None and "cuda_max_allocated_mb" not in bench.peak_memory(cpu)
