@@ -94,7 +94,7 @@ from models.negatives import MODES, batch_pcl_weights, negative_weights  # noqa:
 from utils.checkpoint import git_commit, load_checkpoint, save_checkpoint, save_encoder  # noqa: E402
 from utils import distributed                                         # noqa: E402
 from utils.config import check_ranges, format_config, resolve_config  # noqa: E402
-from utils.device import (amp_note, autocast_for, check_cpu_amp, fused_adam, pick_device,  # noqa: E402
+from utils.device import (amp_note, autocast_for, check_cpu_amp, fused_adam, host_to_device, pick_device,  # noqa: E402
                           set_allocator_policy, training_precision)
 from utils.errors import UserError, run_main                          # noqa: E402
 from utils.fileio import atomic_path, write_json, write_text          # noqa: E402
@@ -170,6 +170,38 @@ def resume_from(path, model, optimizer, config, bands, fingerprint):
     return epoch, log
 
 
+class EpochSums:
+    """Sums over an epoch's steps of 0-dim tensors (the loss, the diagnostics), kept on the
+    device: adding one reads nothing back to the host, so a GPU step need not finish before
+    the host queues the next. nan values (a diagnostic with no labelled pair) are skipped.
+    In float64, added in step order: the same means, bit for bit, as summing Python floats."""
+
+    def __init__(self, keys, device):
+        self.sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in keys}
+        self.counts = {k: torch.zeros((), dtype=torch.int64, device=device) for k in keys}
+
+    def add(self, values):
+        """values: {key: 0-dim tensor}."""
+        for key, value in values.items():
+            value = value.detach().double()
+            present = ~torch.isnan(value)
+            self.sums[key] += torch.where(present, value, 0.0)
+            self.counts[key] += present
+
+    def means(self, world=1):
+        """{key: mean over the steps (float), or None if every value was nan}; with world > 1
+        the loss (each rank's own) is averaged over the ranks, the diagnostics are the global
+        batch's on every rank already."""
+        counts = {k: int(c) for k, c in self.counts.items()}
+        means = {k: float(self.sums[k] / counts[k]) if counts[k] else None for k in self.sums}
+        if world > 1 and means.get("loss") is not None:
+            means["loss"] = distributed.mean_over_ranks([means["loss"]], world)[0]
+        return means
+
+
+REPORT_EVERY = 10  # steps between the host's reads of the loss (progress bar, the ranks' stop vote)
+
+
 class Stop:
     """SIGTERM and Ctrl-C set a flag; the loop saves nothing half-done and exits cleanly."""
 
@@ -193,7 +225,9 @@ def train_step(model, cutter, batch_index, spectra_t, pseudo_t, labels_t, config
     built from the gathered similarities, so the step is the single-process one (up to
     BatchNorm statistics, which are per rank unless the model uses SyncBatchNorm).
     mark: optional callable(part) called after the "data", "forward" and "loss" parts (timing).
-    Returns (loss tensor of this rank's anchors, diagnostics of the global batch).
+    Returns (loss tensor of this rank's anchors, diagnostics of the global batch as 0-dim
+    tensors). Nothing here reads a value back to the host, so on a GPU the host can queue the
+    next step while this one runs.
     """
     mark = mark or (lambda part: None)
     n = batch_index.shape[0]
@@ -201,7 +235,7 @@ def train_step(model, cutter, batch_index, spectra_t, pseudo_t, labels_t, config
     own = slice(rank * per, (rank + 1) * per)
     x = cutter(batch_index[own])                                         # (N/W, B, P, P)
     view_args = (config["crop_min"], config["jitter_p"], config["jitter_contrast"], config["jitter_shift"])
-    u1, u2 = draw_view_params(n, view_gen)[own], draw_view_params(n, view_gen)[own]  # (N/W, 6) each
+    u1, u2 = (host_to_device(draw_view_params(n, view_gen)[own], x.device) for _ in range(2))  # (N/W, 6) each
     views = torch.cat([apply_views(x, u1, *view_args), apply_views(x, u2, *view_args)])  # (2N/W, B, P, P)
     mark("data")
     with autocast():
@@ -367,30 +401,29 @@ def main(argv):
             order_gen = torch.Generator().manual_seed(config["seed"] * 100003 + epoch)
             view_gen = torch.Generator().manual_seed(config["seed"] * 100003 + epoch + 7919)
             mine_gen = torch.Generator().manual_seed(config["seed"] * 100003 + epoch + 15485863)
-            order = pool[torch.randperm(len(pool), generator=order_gen)]
-            sums = {"loss": 0.0, "fn_share_global": 0.0, "fn_share_local": 0.0}
-            counts = {k: 0 for k in sums}
+            order = host_to_device(pool[torch.randperm(len(pool), generator=order_gen)], device)
+            sums = EpochSums(("loss", "fn_share_global", "fn_share_local"), device)
             t_epoch = time.time()
             bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config['epochs']}",
                        leave=False, file=sys.stderr, disable=None if rank == 0 else True)
             for step in bar:
-                batch_index = order[step * config["batch_size"]:(step + 1) * config["batch_size"]].to(device)
+                batch_index = order[step * config["batch_size"]:(step + 1) * config["batch_size"]]
                 loss, diag = train_step(net, cutter, batch_index, spectra_t, pseudo_t, labels_t, config,
                                         view_gen, mine_gen, autocast, rank, world)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 total_steps += 1
-                # the global loss, and one stop decision for all ranks (no rank may leave a collective)
-                loss_value, stop_votes = distributed.mean_over_ranks([loss.item(), float(stop.requested)], world)
-                stopping = stop_votes > 0
-                for key, value in {"loss": loss_value, **diag}.items():
-                    if value == value:  # skip nan diagnostics (no labelled pair in the batch)
-                        sums[key] += value
-                        counts[key] += 1
-                rate = (step + 1) * config["batch_size"] / (time.time() - t_epoch)
-                bar.set_postfix(loss=f"{loss_value:.3f}", anchors_s=f"{rate:.0f}")
-                if stopping or (config["max_steps"] and total_steps >= config["max_steps"]):
+                sums.add({"loss": loss, **diag})
+                last = step + 1 == steps_per_epoch or (config["max_steps"] and total_steps >= config["max_steps"])
+                stopping = stop.requested if world == 1 else False
+                if (step + 1) % REPORT_EVERY == 0 or last:  # a host read waits for the device: not every step
+                    # the global loss, and one stop decision for all ranks (no rank may leave a collective)
+                    loss_value, stop_votes = distributed.mean_over_ranks([loss.item(), float(stop.requested)], world)
+                    stopping = stop_votes > 0
+                    rate = (step + 1) * config["batch_size"] / (time.time() - t_epoch)
+                    bar.set_postfix(loss=f"{loss_value:.3f}", anchors_s=f"{rate:.0f}")
+                if stopping or last:
                     break
             if stopping:
                 raise KeyboardInterrupt
@@ -398,7 +431,7 @@ def main(argv):
             partial = step + 1 < steps_per_epoch  # cut short by --max_steps
             record = {"epoch": epoch + 1, "seconds": round(seconds, 2),
                       "anchors_per_s": round((step + 1) * config["batch_size"] / seconds, 1),
-                      **{k: (sums[k] / counts[k] if counts[k] else None) for k in sums},
+                      **sums.means(world),
                       **({"steps": step + 1, "of_steps": steps_per_epoch} if partial else {})}
             log.append(record)
             say(json.dumps(record))

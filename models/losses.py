@@ -7,6 +7,8 @@ positive is column (r + N) mod 2N.
 import torch
 import torch.nn.functional as F
 
+from utils.device import host_to_device
+
 
 def positive_index(n, device=None):
     """Column of each anchor's positive: (2N,) long, r -> (r + N) mod 2N."""
@@ -108,7 +110,7 @@ def nsmm_mask(pseudolabels, sim, n_hard, n_easy, generator=None):
     remaining = candidate & ~keep
     k_easy = min(n_easy, 2 * n)
     if k_easy > 0:
-        keys = torch.rand(sim.shape, generator=generator, device="cpu").to(device)
+        keys = host_to_device(torch.rand(sim.shape, generator=generator, device="cpu"), device)
         keys = keys.masked_fill(~remaining, -1.0)
         pick = keys.topk(k_easy, dim=1).indices
         chosen = torch.zeros_like(candidate).scatter_(1, pick, True)
@@ -124,8 +126,9 @@ def false_negative_share(logits, weights, labels):
     logits: (2N, 2N) similarities over temperature; weights: None or (2N, 2N);
     labels: (N,) ground-truth class per sample, 0 = unlabelled (ignored).
     Over anchors r and negatives k that are both labelled, returns
-    sum_{y_k = y_r} W_rk exp(s_rk) / sum_k W_rk exp(s_rk), a float in [0, 1]
-    (nan if no labelled pair). A diagnostic only: never used for training.
+    sum_{y_k = y_r} W_rk exp(s_rk) / sum_k W_rk exp(s_rk), a 0-dim tensor in [0, 1] on
+    logits' device (nan if no labelled pair: 0 / 0), left there so that a GPU step need not
+    wait for it. A diagnostic only: never used for training.
     """
     n = labels.shape[0]
     device = logits.device
@@ -140,7 +143,4 @@ def false_negative_share(logits, weights, labels):
         mass = mass * weights.to(mass.dtype)
     mass = mass * (negative & labelled)
     same = labels2[:, None] == labels2[None, :]
-    total = mass.sum()
-    if total <= 0:
-        return float("nan")
-    return float((mass * same).sum() / total)
+    return (mass * same).sum() / mass.sum()

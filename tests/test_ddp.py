@@ -65,6 +65,7 @@ def one_step(rank, world):
                                           nullcontext, rank, world)
     loss.backward()
     global_loss = distributed.mean_over_ranks([loss.item()], world)[0]
+    diag = {k: v.item() for k, v in diag.items()}  # 0-dim tensors, left on the device by train_step
     return loss.item(), global_loss, diag, {k: p.grad.clone() for k, p in model.named_parameters()}
 
 

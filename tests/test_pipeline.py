@@ -273,3 +273,34 @@ def test_pretrain_low_memory_setting_reaches_the_encoder_and_trains_the_same(toy
         # three Adam steps from the same start (Adam's first step is lr * sign(gradient); later
         # ones see gradient sizes): recomputing in backward reruns the same kernels
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_pretraining_steps_read_nothing_back_from_the_device_between_reports(toy, capsys, monkeypatch):
+    """On a GPU every read of a tensor's value (item, float, bool, ...) makes the host wait for
+    the step to finish. The loop reads the loss every REPORT_EVERY steps (progress bar, the
+    ranks' stop vote) and the epoch's sums once: 20 more steps may add only the reports' reads."""
+    reads = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _f=original, _n=name: (reads.append(_n), _f(self, *a))[1])
+    counts = []
+    for steps in (3, 23):  # one epoch of 32 steps, cut short
+        reads.clear()
+        pretrain_main.main(toy + TINY + ["--epochs=1", f"--max_steps={steps}", "--negatives=pcl+nsmm",
+                                         "--n_hard=4", "--n_easy=4", f"--out_name=reads_{steps}"])
+        counts.append(len(reads))
+    assert counts[1] - counts[0] <= 20 // pretrain_main.REPORT_EVERY * 2, reads
+
+
+def test_host_to_device_queues_copies_from_pinned_memory_on_cuda(monkeypatch):
+    """A copy from pageable memory to a GPU first waits for the GPU's queued work; from pinned
+    memory, non_blocking, it is queued like a kernel (torch.Tensor patched: no GPU needed)."""
+    from utils.device import host_to_device
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: (calls.append("pin"), self)[1])
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: (calls.append((a, k)), self)[1])
+    t, gpu, cpu = torch.arange(3), torch.device("cuda", 0), torch.device("cpu")
+    assert host_to_device(t, gpu) is t and calls == ["pin", ((gpu,), {"non_blocking": True})]
+    calls.clear()
+    assert host_to_device(t, cpu) is t and calls == [((cpu,), {})]

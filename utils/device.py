@@ -23,6 +23,19 @@ def pick_device(name):
     return device
 
 
+def host_to_device(t, device):
+    """A CPU tensor `t` on `device`, without making the host wait for the GPU.
+
+    On CUDA a copy from ordinary (pageable) host memory first waits for the stream's queued
+    work, so a training step that copies its random numbers over would stall the host once
+    per copy; from pinned memory the copy is queued like a kernel (non_blocking). Elsewhere
+    a plain .to(device).
+    """
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc mallopt parameters
 
 
