@@ -3,6 +3,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from utils.device import host_to_device
+
 
 class PatchCutter:
     """Holds the reflect-padded cube on a device and cuts (N, B, P, P) batches of patches.
@@ -83,4 +85,5 @@ def random_views(x, generator, crop_min=0.9, jitter_p=0.8, contrast=0.2, shift=0
     alpha in [1 - contrast, 1 + contrast], beta in [-shift, shift]. Random numbers come
     from `generator` (CPU) so a seed fixes the views on any device. Returns (N, B, P, P).
     """
-    return apply_views(x, draw_view_params(x.shape[0], generator), crop_min, jitter_p, contrast, shift)
+    u = host_to_device(draw_view_params(x.shape[0], generator), x.device)  # (N, 6), no wait on a GPU
+    return apply_views(x, u, crop_min, jitter_p, contrast, shift)

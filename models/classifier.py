@@ -9,7 +9,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from data.patches import PatchCutter
-from utils.device import fused_adam
+from utils.device import fused_adam, host_to_device
 
 
 @torch.no_grad()
@@ -99,7 +99,7 @@ def train_classifier(model, cutter, train_index, train_labels, epochs=100, batch
     gen = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
-        order = torch.randperm(len(index), generator=gen).to(device)
+        order = host_to_device(torch.randperm(len(index), generator=gen), device)
         for start in range(0, len(index), batch_size):
             batch = order[start:start + batch_size]
             if len(batch) < 2:  # BatchNorm needs two samples

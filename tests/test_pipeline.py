@@ -275,15 +275,21 @@ def test_pretrain_low_memory_setting_reaches_the_encoder_and_trains_the_same(toy
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
 
-def test_pretraining_steps_read_nothing_back_from_the_device_between_reports(toy, capsys, monkeypatch):
-    """On a GPU every read of a tensor's value (item, float, bool, ...) makes the host wait for
-    the step to finish. The loop reads the loss every REPORT_EVERY steps (progress bar, the
-    ranks' stop vote) and the epoch's sums once: 20 more steps may add only the reports' reads."""
+def count_host_reads(monkeypatch):
+    """A list that grows by one at every read of a tensor's value by the host (item, float,
+    bool, ...): on a GPU each makes the host wait for the queued work."""
     reads = []
     for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
         original = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name,
                             lambda self, *a, _f=original, _n=name: (reads.append(_n), _f(self, *a))[1])
+    return reads
+
+
+def test_pretraining_steps_read_nothing_back_from_the_device_between_reports(toy, capsys, monkeypatch):
+    """The loop reads the loss every REPORT_EVERY steps (progress bar, the ranks' stop vote) and
+    the epoch's sums once: 20 more steps may add only the reports' reads."""
+    reads = count_host_reads(monkeypatch)
     counts = []
     for steps in (3, 23):  # one epoch of 32 steps, cut short
         reads.clear()
@@ -304,3 +310,20 @@ def test_host_to_device_queues_copies_from_pinned_memory_on_cuda(monkeypatch):
     assert host_to_device(t, gpu) is t and calls == ["pin", ((gpu,), {"non_blocking": True})]
     calls.clear()
     assert host_to_device(t, cpu) is t and calls == [((cpu,), {})]
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_finetuning_steps_read_nothing_back_from_the_device(monkeypatch, augment):
+    from data.patches import random_views
+    cube, gt = np.random.default_rng(0).random((12, 12, 6), dtype=np.float32), np.arange(144) % 3 + 1
+    cutter = PatchCutter(standardise(cube), 5, torch.device("cpu"))
+    counts = []
+    for n in (8, 24):  # 2 and 6 steps of 4
+        torch.manual_seed(0)
+        model = TwoHeadClassifier(PCLEncoder(6, 5, "small"), 3)
+        reads = count_host_reads(monkeypatch)
+        train_classifier(model, cutter, np.arange(n), gt[:n], epochs=1, batch_size=4,
+                         augment=(lambda x, g: random_views(x, g)) if augment else None)
+        counts.append(len(reads))
+        monkeypatch.undo()
+    assert counts[0] == counts[1], counts
