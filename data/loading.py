@@ -422,7 +422,10 @@ def _read_class_names(path, k):
     return names
 
 
-def _scene_name(name):
+def scene_name(name):
+    """The scene's proper name for a --dataset value given in any case ("salinasa" ->
+    "SalinasA"; "custom" stays), or a one-line error. Folders (weights/, runs/, results/) are
+    named after it, so two spellings never make two folders."""
     lookup = {n.lower(): n for n in SCENES}
     if name.lower() == "custom":
         return "custom"
@@ -441,7 +444,7 @@ def load_scene(name, data_dir="", download=True, cube="", gt="", class_names="",
     1..K (kept in `Scene.label_values`). Returns a `Scene` (cube (H, W, B) float32,
     gt (H, W) int64). Raises UserError for any bad or inconsistent input.
     """
-    name = _scene_name(name)
+    name = scene_name(name)
     if name == "custom":
         if not cube or not gt:
             raise UserError("--dataset=custom needs --cube=PATH[:KEY] and --gt=PATH[:KEY]")
