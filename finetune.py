@@ -62,7 +62,7 @@ cpu_amp = False             # the same on the CPU: only CPUs with bf16 arithmeti
 SETTINGS = [k for k in list(globals()) if not k.startswith("_") and k[0].islower()
             and isinstance(globals()[k], (bool, int, float, str))]
 
-from data import load_scene                                           # noqa: E402
+from data import load_scene, scene_name                                        # noqa: E402
 from data.patches import PatchCutter, random_views                     # noqa: E402
 from data.preprocess import standardise                                # noqa: E402
 from data.splits import make_split                                     # noqa: E402
@@ -105,6 +105,14 @@ def weights_path_for(config):
         return Path(config["weights"])
     stem = "encoder" if config["method"] == "encoder" else config["method"]
     return Path("weights") / config["dataset"] / f"{stem}.safetensors"
+
+
+def run_stem(config):
+    """The first part of a result's name: the method, or for --method=encoder the weights file's
+    stem, so results of two encoder files (--weights=A, --weights=B) do not overwrite each other."""
+    if config["method"] == "encoder":
+        return weights_path_for(config).stem
+    return config["method"]
 
 
 def load_checked_encoder(path, scene, config, device):
@@ -282,6 +290,7 @@ def main(argv):
                             choices={"method": METHODS, "protocol": ("linear", "finetune"),
                                      "split": ("random", "disjoint"), "preset": ("",) + tuple(PRESETS)})
     check_ranges(config, RANGES)
+    config["dataset"] = scene_name(config["dataset"])  # "salinasa" -> "SalinasA": one folder per scene
     seed_list = parse_seeds(config["seeds"])
     if not seed_list:
         raise UserError("--seeds is empty")
@@ -298,7 +307,10 @@ def main(argv):
     set_allocator_policy(device, low_memory=False)  # reuse freed activations (speed; docs/BENCHMARKS.md)
     budget = f"r{config['train_ratio']:g}" if config["train_ratio"] > 0 else f"{config['train_per_class']}pc"
     protocol = config["protocol"] if config["method"] in ENCODER_METHODS else "baseline"
-    run_name = config["name"] or f"{config['method']}_{protocol}_{config['split']}_{budget}"
+    run_name = config["name"] or f"{run_stem(config)}_{protocol}_{config['split']}_{budget}"
+    if config["method"] in ENCODER_METHODS and not weights_path_for(config).is_file():  # before loading the scene
+        raise UserError(f"{weights_path_for(config)}: no encoder weights there; run pretrain_main.py "
+                        f"--dataset={config['dataset']} first or pass --weights=FILE")
     out_dir = Path(config["results_dir"]) / config["dataset"]
     print(f"finetune.py  commit {git_commit()}  device {device}  torch {torch.__version__}")
     print(format_config(config))
@@ -342,6 +354,8 @@ def main(argv):
             first_map = (seed, scores["oa"],
                          predict_scene(predict, gt_flat.size, config["batch_size"]).reshape(scene.gt.shape))
 
+    stale_maps = [] if config["save_map"] else [p for p in (out_dir / f"{run_name}_map.png",
+                                                          out_dir / f"{run_name}_prediction.png") if p.exists()]
     if config["save_map"]:
         seed, oa, prediction = first_map
         map_path = out_dir / f"{run_name}_map.png"
@@ -362,6 +376,9 @@ def main(argv):
         "weights": evaluator.weights_path, "encoder_metadata": evaluator.meta, "commit": git_commit(),
         "seconds": round(time.time() - t_start, 1), "torch": torch.__version__, "device": str(device),
     })
+    for path in stale_maps:  # an earlier run's maps beside this run's results would mislead
+        path.unlink()
+        print(f"note: removed {path}, an earlier run's map (this run has --save_map=false)")
     s = summary
     print(f"OA {100 * s['oa']['mean']:.2f} +- {100 * s['oa']['std']:.2f}  "
           f"AA {100 * s['aa']['mean']:.2f} +- {100 * s['aa']['std']:.2f}  "

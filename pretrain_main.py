@@ -83,7 +83,7 @@ max_steps = 0               # stop after this many steps in total (0 = no limit;
 SETTINGS = [k for k in list(globals()) if not k.startswith("_") and k[0].islower()
             and isinstance(globals()[k], (bool, int, float, str))]
 
-from data import load_scene                                          # noqa: E402
+from data import load_scene, scene_name                                       # noqa: E402
 from data.patches import PatchCutter, apply_views, draw_view_params   # noqa: E402
 from data.preprocess import standardise                               # noqa: E402
 from data.pseudolabels import cached_superpixel_pseudolabels, pixel_pseudolabels, purity  # noqa: E402
@@ -290,6 +290,7 @@ def main(argv):
         raise UserError("give --weighting (the first paper's shorthand) or --negatives, not both")
     config = resolve_negatives(config)
     check_ranges(config, RANGES)
+    config["dataset"] = scene_name(config["dataset"])  # "salinasa" -> "SalinasA": one folder per scene
     if "nsmm" in config["negatives"] and config["n_hard"] + config["n_easy"] < 1:  # else a zero loss
         raise UserError(f"--negatives={config['negatives']} keeps n_hard + n_easy negatives per anchor; "
                         f"--n_hard={config['n_hard']} --n_easy={config['n_easy']} keeps none: pass --n_hard "

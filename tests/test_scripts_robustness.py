@@ -278,9 +278,60 @@ def test_bad_scene_files(kind, inproc_cwd, capsys):
 
 
 def test_known_scene_missing_without_download(inproc_cwd, capsys):
-    code, _, err = run_inproc(finetune, ["--dataset=IndianPines", "--download=false"], capsys)
+    code, _, err = run_inproc(finetune, ["--dataset=IndianPines", "--method=svm", "--download=false"], capsys)
     assert_one_line_error(code, err, "Indian_pines_corrected.mat", "not found", f"looked in {inproc_cwd / 'empty'}",
                           "curl -L -o", "http")
+    assert no_outputs(inproc_cwd)
+
+
+def test_finetune_looks_for_the_weights_before_loading_or_downloading_the_scene(inproc_cwd, capsys):
+    code, _, err = run_inproc(finetune, ["--dataset=paviau", "--method=pcl"], capsys)  # PaviaU: a 34 MB download
+    assert_one_line_error(code, err, "weights/PaviaU/pcl.safetensors", "no encoder weights there",
+                          "pretrain_main.py --dataset=PaviaU")
+    assert no_outputs(inproc_cwd) and not (inproc_cwd / "datasets").exists()
+
+
+def test_dataset_names_in_any_case_make_one_folder_per_scene(env, inproc_cwd, capsys):
+    """--dataset=CUSTOM writes weights/custom/ (the scene's proper name), so finetune.py with the
+    proper name finds it; two spellings never make two folders."""
+    code, _, err = run_inproc(pretrain_main, ["--dataset=CUSTOM", *env["a"], f"--cache_dir={env['cache']}",
+                                              *TINY, "--epochs=1", "--max_steps=1"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (inproc_cwd / "weights").iterdir()) == ["custom"]
+    code, out, err = run_inproc(finetune, ["--dataset=Custom", *env["a"], "--save_map=false"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (inproc_cwd / "results").iterdir()) == ["custom"]
+
+
+def test_results_of_two_encoder_files_keep_apart_and_no_stale_map_stays(env, inproc_cwd, capsys):
+    default, other = inproc_cwd / "weights" / "custom" / "encoder.safetensors", inproc_cwd / "other.safetensors"
+    default.parent.mkdir(parents=True)
+    for path in (default, other):
+        path.write_bytes(env["weights"].read_bytes())
+    scene = ["--dataset=custom", *env["a"]]
+    for args in ([], [f"--weights={other}"]):
+        code, _, err = run_inproc(finetune, [*scene, *args], capsys)
+        assert code == 0, err
+    results = inproc_cwd / "results" / "custom"
+    assert (results / "encoder_linear_random_15pc.json").is_file()
+    assert (results / "other_linear_random_15pc.json").is_file()  # named after the weights file
+    assert (results / "other_linear_random_15pc_map.png").is_file()
+    code, out, err = run_inproc(finetune, [*scene, f"--weights={other}", "--save_map=false"], capsys)
+    assert code == 0, err
+    assert not (results / "other_linear_random_15pc_map.png").exists()  # not beside the new results
+    assert not (results / "other_linear_random_15pc_prediction.png").exists()
+    assert "removed" in out and (results / "encoder_linear_random_15pc_map.png").is_file()
+
+
+@pytest.mark.parametrize("module", [pretrain_main, finetune])
+def test_help_lists_every_setting_with_its_default_and_comment(module, inproc_cwd, capsys):
+    with pytest.raises(SystemExit) as stop:
+        module.main(["--help"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0
+    for name in module.SETTINGS:
+        assert f"--{name} " in out, name
+    assert ("labelled pixels per class" if module is finetune else "older GPUs and the CPU run float32") in out
     assert no_outputs(inproc_cwd)
 
 

@@ -7,6 +7,9 @@ The type of each default decides how its value is parsed: `--lr=1` is a float,
 """
 import difflib
 import math
+import re
+import sys
+from pathlib import Path
 
 from utils.errors import UserError
 
@@ -40,13 +43,45 @@ def _parse_value(name, text, default):
     return text
 
 
+def settings_help(defaults, source):
+    """The `--help` text: the script's first docstring line, then one line per setting with its
+    default and the comment beside it at the top of `source` (the script's file)."""
+    try:
+        text = Path(source).read_text()
+    except (OSError, TypeError):
+        text = ""
+    comments, last = {}, None
+    for line in text.splitlines():
+        match = re.match(r"^([a-z_][a-z0-9_]*)\s*=[^#]*(?:#\s*(.*))?$", line)
+        more = re.match(r"^\s+#\s*(.*)$", line)
+        if match and match.group(1) in defaults and match.group(1) not in comments:
+            last = match.group(1)
+            comments[last] = (match.group(2) or "").strip()
+        elif more and last:  # a comment continued on the next lines
+            comments[last] += " " + more.group(1).strip()
+        else:
+            last = None
+    doc = re.search(r'^"""(.*?)$', text, re.M)
+    width = max(len(k) for k in defaults) + 2
+    lines = [doc.group(1).strip().rstrip('"') if doc else "", "",
+             f"usage: --name=value ... (the defaults are the names at the top of {Path(str(source)).name}; "
+             "edit them there or override them here)", ""]
+    for name, value in defaults.items():
+        lines.append(f"  --{name:<{width}}{value!r:<14} {comments.get(name, '')}".rstrip())
+    return "\n".join(lines)
+
+
 def resolve_config(defaults, argv, choices=None):
     """Apply `--name=value` arguments to a copy of `defaults`.
 
     defaults: {name: default value}; argv: list of strings;
     choices: optional {name: allowed values} checked after parsing.
-    An unknown name, a malformed argument or a bad value raises UserError.
+    An unknown name, a malformed argument or a bad value raises UserError. `--help` (or -h)
+    prints settings_help for the calling script and exits with status 0.
     """
+    if any(arg in ("--help", "-h") for arg in argv):
+        print(settings_help(defaults, sys._getframe(1).f_globals.get("__file__")))
+        raise SystemExit(0)
     config = dict(defaults)
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
