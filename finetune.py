@@ -62,7 +62,7 @@ cpu_amp = False             # the same on the CPU: only CPUs with bf16 arithmeti
 SETTINGS = [k for k in list(globals()) if not k.startswith("_") and k[0].islower()
             and isinstance(globals()[k], (bool, int, float, str))]
 
-from data import load_scene, scene_name                                        # noqa: E402
+from data import check_data_dir, load_scene, scene_name                # noqa: E402
 from data.patches import PatchCutter, random_views                     # noqa: E402
 from data.preprocess import standardise                                # noqa: E402
 from data.splits import make_split                                     # noqa: E402
@@ -76,7 +76,7 @@ from utils.config import check_ranges, format_config, resolve_config   # noqa: E
 from utils.device import (amp_note, autocast_for, check_cpu_amp, pick_device, set_allocator_policy,  # noqa: E402
                           training_precision)
 from utils.errors import UserError, run_main                           # noqa: E402
-from utils.fileio import write_json, write_text                        # noqa: E402
+from utils.fileio import check_output_dir, write_json, write_text      # noqa: E402
 from utils.maps import save_comparison_png, save_map_png               # noqa: E402
 from utils.metrics import classification_scores                        # noqa: E402
 
@@ -312,6 +312,8 @@ def main(argv):
         raise UserError(f"{weights_path_for(config)}: no encoder weights there; run pretrain_main.py "
                         f"--dataset={config['dataset']} first or pass --weights=FILE")
     out_dir = Path(config["results_dir"]) / config["dataset"]
+    check_data_dir(config["data_dir"], config["dataset"])  # a mistyped folder is refused, not created
+    check_output_dir(out_dir, f"--results_dir={config['results_dir']}")  # before any work
     print(f"finetune.py  commit {git_commit()}  device {device}  torch {torch.__version__}")
     print(format_config(config))
     trains_encoder = trains_the_encoder(config)

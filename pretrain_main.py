@@ -83,7 +83,7 @@ max_steps = 0               # stop after this many steps in total (0 = no limit;
 SETTINGS = [k for k in list(globals()) if not k.startswith("_") and k[0].islower()
             and isinstance(globals()[k], (bool, int, float, str))]
 
-from data import load_scene, scene_name                                       # noqa: E402
+from data import check_data_dir, load_scene, scene_name                # noqa: E402
 from data.patches import PatchCutter, apply_views, draw_view_params   # noqa: E402
 from data.preprocess import standardise                               # noqa: E402
 from data.pseudolabels import cached_superpixel_pseudolabels, pixel_pseudolabels, purity  # noqa: E402
@@ -97,7 +97,7 @@ from utils.config import check_ranges, format_config, resolve_config  # noqa: E4
 from utils.device import (amp_note, autocast_for, check_cpu_amp, fused_adam, host_to_device, pick_device,  # noqa: E402
                           set_allocator_policy, training_precision)
 from utils.errors import UserError, run_main                          # noqa: E402
-from utils.fileio import atomic_path, write_json, write_text          # noqa: E402
+from utils.fileio import atomic_path, check_output_dir, write_json, write_text  # noqa: E402
 
 
 def resolve_negatives(config):
@@ -298,6 +298,10 @@ def main(argv):
     out_name = config["out_name"] or "encoder"
     weights_path = Path("weights") / config["dataset"] / f"{out_name}.safetensors"
     run_dir = Path(config["run_dir"] or Path("runs") / config["dataset"] / out_name)
+    check_data_dir(config["data_dir"], config["dataset"])  # a mistyped folder is refused, not created
+    check_output_dir(weights_path.parent, "the weights folder")  # every output folder, before any work
+    check_output_dir(run_dir, f"--run_dir={config['run_dir']}" if config["run_dir"] else f"the run folder {run_dir}")
+    check_output_dir(config["cache_dir"], f"--cache_dir={config['cache_dir']}")
     if config["threads"] > 0:
         torch.set_num_threads(config["threads"])
     _, _, world = distributed.world_from_env()

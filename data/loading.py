@@ -19,15 +19,52 @@ import numpy as np
 
 from data.scenes import SCENES, palette
 from utils.errors import UserError
-from utils.fileio import atomic_path
+from utils.fileio import atomic_path, first_non_folder
 
 LAYOUTS = ("auto", "HWB", "BHW")
 _CHUNK = 1 << 16
 
 
+DEFAULT_DATA_DIR = "datasets"
+
+
 def resolve_data_dir(data_dir=""):
     """The data folder: `data_dir` if non-empty, else $HSI_DATA_DIR, else ./datasets."""
-    return Path(data_dir or os.environ.get("HSI_DATA_DIR", "") or "datasets")
+    return Path(data_dir or os.environ.get("HSI_DATA_DIR", "") or DEFAULT_DATA_DIR)
+
+
+def _data_dir_setting(data_dir):
+    """How the data folder was chosen, as the user would write it, and the way to the fallback."""
+    env = os.environ.get("HSI_DATA_DIR", "")
+    if data_dir:
+        fallback = f"$HSI_DATA_DIR ({env})" if env else f"./{DEFAULT_DATA_DIR}"
+        return f"--data_dir={data_dir}", f"leave --data_dir empty to use {fallback}"
+    if env:
+        return f"HSI_DATA_DIR={env}", f"unset HSI_DATA_DIR to use ./{DEFAULT_DATA_DIR}, or pass --data_dir=FOLDER"
+    return f"the default data folder ./{DEFAULT_DATA_DIR}", "pass --data_dir=FOLDER"
+
+
+def check_data_dir(data_dir="", dataset="", missing_ok=False):
+    """The data folder of `resolve_data_dir(data_dir)`, refused in one line when unusable.
+
+    A folder the user named (`data_dir`, else $HSI_DATA_DIR) must exist: a mistyped name
+    is refused rather than created and downloaded into; the default ./datasets may be
+    missing (it is made on the first download). A path that is, or lies below, a file is
+    always refused. `missing_ok`: accept a missing named folder too (library callers
+    that ask for a new folder to download into). dataset "custom" reads no data folder,
+    so nothing is checked. Creates nothing; returns the Path.
+    """
+    folder = resolve_data_dir(data_dir)
+    if dataset.lower() == "custom":
+        return folder
+    setting, fallback = _data_dir_setting(data_dir)
+    blocker = first_non_folder(folder)
+    if blocker is not None:
+        raise UserError(f"{setting}: {blocker} is a file, not a folder; {fallback}")
+    named = bool(data_dir or os.environ.get("HSI_DATA_DIR", ""))
+    if named and not missing_ok and not folder.is_dir():
+        raise UserError(f"{setting}: no such folder; create it, or {fallback}")
+    return folder
 
 
 # ----------------------------------------------------------------------------- arrays
@@ -378,7 +415,12 @@ def _remap(path, gt, label_values):
     return np.where(gt > 0, np.searchsorted(np.asarray(label_values, dtype=np.int64), gt) + 1, 0)
 
 
-def _check_scene(name, files, cube, gt, class_names):
+def _check_scene(name, files, cube, gt, class_names, label_values=()):
+    """Cube and gt agree in size, and every class 1..K has at least 2 pixels.
+
+    label_values: the raw gt values of classes 1..K, named in the message (a class's
+    number is its rank among the file's labels, not the value in the file).
+    """
     cube_path, gt_path = files["cube"], files["gt"]
     if cube.shape[:2] != gt.shape:
         raise UserError(f"{cube_path} is {cube.shape[0]} x {cube.shape[1]} pixels but {gt_path} is "
@@ -388,8 +430,10 @@ def _check_scene(name, files, cube, gt, class_names):
         raise UserError(f"{gt_path}: no labelled pixels (all 0)")
     for k, n in enumerate(counts[1:], start=1):
         if n < 2:  # a class needs a pixel to train on and one to test on
-            raise UserError(f"{gt_path}: class {k} ({class_names[k - 1]!r}) of {name} has {n} labelled pixel(s); "
-                            f"each class needs at least 2")
+            # the value in the file is what the user can look up; k is its rank among the labels
+            label = f", label {label_values[k - 1]} in the file," if label_values else ""
+            raise UserError(f"{gt_path}: class {k} ({class_names[k - 1]!r}) of {name}{label} has {n} labelled "
+                            f"pixel(s); each class needs at least 2")
 
 
 def _load_known(info, data_dir, download, layout):
@@ -457,7 +501,9 @@ def load_scene(name, data_dir="", download=True, cube="", gt="", class_names="",
         if cube or gt or class_names:
             raise UserError(f"--cube, --gt and --class_names are only used with --dataset=custom, not {name}")
         info = SCENES[name]
-        raw_cube, raw_gt, files = _load_known(info, resolve_data_dir(data_dir), download, layout)
+        # a named missing folder may be made here: the scripts refuse one first with check_data_dir
+        folder = check_data_dir(data_dir, name, missing_ok=True)
+        raw_cube, raw_gt, files = _load_known(info, folder, download, layout)
     cube_arr = _check_cube(files["cube"], raw_cube)
     gt_arr = _check_gt(files["gt"], raw_gt)
     if info is None:
@@ -469,6 +515,6 @@ def load_scene(name, data_dir="", download=True, cube="", gt="", class_names="",
     else:
         values, names, rgb = info.label_values, list(info.class_names), info.rgb_bands
     gt_arr = _remap(files["gt"], gt_arr, values)
-    _check_scene(name, files, cube_arr, gt_arr, names)
+    _check_scene(name, files, cube_arr, gt_arr, names, values)
     return Scene(name=name, cube=cube_arr, gt=gt_arr, class_names=list(names), palette=palette(len(names)),
                  rgb_bands=tuple(rgb), files=files, label_values=tuple(values))

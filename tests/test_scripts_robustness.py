@@ -323,6 +323,22 @@ def test_results_of_two_encoder_files_keep_apart_and_no_stale_map_stays(env, inp
     assert "removed" in out and (results / "encoder_linear_random_15pc_map.png").is_file()
 
 
+@pytest.mark.parametrize("module,setting,args", [(pretrain_main, "--run_dir", []), (pretrain_main, "--cache_dir", []),
+                                                 (finetune, "--results_dir", ["--method=svm"])])
+def test_an_output_folder_that_is_a_file_is_refused_before_any_work(module, setting, args, inproc_cwd, capsys):
+    (inproc_cwd / "taken").write_text("a file")
+    code, out, err = run_inproc(module, ["--dataset=SalinasA", f"{setting}=taken/sub", *args], capsys)
+    assert_one_line_error(code, err, f"{setting}=taken/sub", "taken is a file, not a folder")
+    assert "SLIC" not in out and "scene" not in out and no_outputs(inproc_cwd)  # nothing loaded or written
+
+
+@pytest.mark.parametrize("module,args", [(pretrain_main, []), (finetune, ["--method=svm"])])
+def test_a_mistyped_data_folder_is_refused_not_created(module, args, inproc_cwd, capsys):
+    code, _, err = run_inproc(module, ["--dataset=SalinasA", "--data_dir=dtaa", *args], capsys)
+    assert_one_line_error(code, err, "--data_dir=dtaa", "no such folder")
+    assert not (inproc_cwd / "dtaa").exists() and no_outputs(inproc_cwd)
+
+
 @pytest.mark.parametrize("module", [pretrain_main, finetune])
 def test_help_lists_every_setting_with_its_default_and_comment(module, inproc_cwd, capsys):
     with pytest.raises(SystemExit) as stop:

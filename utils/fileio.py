@@ -2,6 +2,7 @@
 
 Every artefact (weights, checkpoints, JSON, PNG, caches) is written to a
 temporary file in the same folder, flushed and fsynced, then renamed.
+`check_output_dir` refuses an output folder that cannot be made, before any work.
 """
 import json
 import math
@@ -10,9 +11,48 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from utils.errors import UserError
+
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # read once: the process umask, for the mode of new files
+
+
+def first_non_folder(path):
+    """The first of `path`, its parents, ... that exists but is not a folder (a Path), else None.
+
+    A folder can never be made below it. Never creates or changes anything.
+    """
+    path = Path(path)
+    for part in reversed((path, *path.parents)):  # from the top down: the first blocker is the one to name
+        if os.path.lexists(part) and not os.path.isdir(part):
+            return part
+    return None
+
+
+def _first_existing(path):
+    """`path` or its nearest parent that exists (Path("."), at worst, for a relative path)."""
+    path = Path(path)
+    return next((p for p in (path, *path.parents) if os.path.isdir(p)), Path("."))
+
+
+def check_output_dir(path, setting):
+    """Refuse, in one line naming `setting`, an output folder that cannot be used.
+
+    path: the folder the run will write into (it need not exist yet); setting: how the
+    user chose it, e.g. "--results_dir=out" or "the weights folder". Raises UserError when
+    `path` or one of its parents is a file (or a broken link), or when `path`, or the
+    parent it would be made in, is not writable. Creates nothing.
+    """
+    blocker = first_non_folder(path)
+    if blocker is not None:
+        what = "a broken link" if not os.path.exists(blocker) else "a file"
+        raise UserError(f"{setting}: {blocker} is {what}, not a folder")
+    base = _first_existing(path)
+    if not os.access(base, os.W_OK | os.X_OK):
+        if base == Path(path):
+            raise UserError(f"{setting}: {path} is not writable")
+        raise UserError(f"{setting}: cannot make {path}: {base} is not writable")
 
 
 @contextmanager
