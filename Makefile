@@ -25,6 +25,6 @@ bench: venv
 	$(PY) -m bench.run --dataset=$(DATASET) --preset=paper --batch_size=256 --steps=5
 
 table: venv
-	$(PY) -m utils.table --dataset=$(DATASET)
+	$(PY) -m utils.table --dataset=$(DATASET) --epochs=5 --finetune_epochs=30 --seeds=0-9 --threads=2
 
 .PHONY: venv demo test bench table

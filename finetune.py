@@ -62,7 +62,7 @@ cpu_amp = False             # the same on the CPU: only CPUs with bf16 arithmeti
 SETTINGS = [k for k in list(globals()) if not k.startswith("_") and k[0].islower()
             and isinstance(globals()[k], (bool, int, float, str))]
 
-from data import check_data_dir, load_scene, scene_name                # noqa: E402
+from data import check_data_dir, check_scene_args, load_scene               # noqa: E402
 from data.patches import PatchCutter, random_views                     # noqa: E402
 from data.preprocess import standardise                                # noqa: E402
 from data.splits import make_split                                     # noqa: E402
@@ -285,21 +285,37 @@ RANGES = {  # settings whose values outside these ranges would give a traceback 
 }
 
 
-def main(argv):
-    config = resolve_config({k: globals()[k] for k in SETTINGS}, argv,
-                            choices={"method": METHODS, "protocol": ("linear", "finetune"),
-                                     "split": ("random", "disjoint"), "preset": ("",) + tuple(PRESETS)})
-    check_ranges(config, RANGES)
-    config["dataset"] = scene_name(config["dataset"])  # "salinasa" -> "SalinasA": one folder per scene
-    seed_list = parse_seeds(config["seeds"])
-    if not seed_list:
+CHOICES = {"method": METHODS, "protocol": ("linear", "finetune"), "split": ("random", "disjoint"),
+           "preset": ("",) + tuple(PRESETS)}
+
+
+def checked_seeds(text):
+    """--seeds as a list: non-empty, distinct, each >= 0 (else a one-line UserError)."""
+    seeds = parse_seeds(text)
+    if not seeds:
         raise UserError("--seeds is empty")
-    if len(set(seed_list)) < len(seed_list):
-        raise UserError(f"--seeds={config['seeds']}: a seed is given twice (it would count twice in the mean)")
-    if min(seed_list) < 0:
-        raise UserError(f"--seeds={config['seeds']}: seeds must be >= 0")
+    if len(set(seeds)) < len(seeds):
+        raise UserError(f"--seeds={text}: a seed is given twice (it would count twice in the mean)")
+    if min(seeds) < 0:
+        raise UserError(f"--seeds={text}: seeds must be >= 0")
+    return seeds
+
+
+def checked_config(argv):
+    """(settings, seeds) of a run: the defaults above with `argv` applied, every value checked
+    (one-line UserError), the dataset's proper name. Reads no file (utils.table checks with it too)."""
+    config = resolve_config({k: globals()[k] for k in SETTINGS}, argv, choices=CHOICES)
+    check_ranges(config, RANGES)
+    # "salinasa" -> "SalinasA" (one folder per scene); a custom scene names its files
+    config["dataset"] = check_scene_args(config["dataset"], config["cube"], config["gt"], config["class_names"])
+    seeds = checked_seeds(config["seeds"])
     if config["train_per_class"] < 1 and config["train_ratio"] <= 0:
         raise UserError("--train_per_class must be >= 1 (or give --train_ratio)")
+    return config, seeds
+
+
+def main(argv):
+    config, seed_list = checked_config(argv)
     if config["threads"] > 0:
         torch.set_num_threads(config["threads"])
     device = pick_device(config["device"])
@@ -309,8 +325,8 @@ def main(argv):
     protocol = config["protocol"] if config["method"] in ENCODER_METHODS else "baseline"
     run_name = config["name"] or f"{run_stem(config)}_{protocol}_{config['split']}_{budget}"
     if config["method"] in ENCODER_METHODS and not weights_path_for(config).is_file():  # before loading the scene
-        raise UserError(f"{weights_path_for(config)}: no encoder weights there; run pretrain_main.py "
-                        f"--dataset={config['dataset']} first or pass --weights=FILE")
+        raise UserError(f"{weights_path_for(config)}: no encoder weights there; run pretrain_main.py first "
+                        f"or pass --weights=FILE")
     out_dir = Path(config["results_dir"]) / config["dataset"]
     check_data_dir(config["data_dir"], config["dataset"])  # a mistyped folder is refused, not created
     check_output_dir(out_dir, f"--results_dir={config['results_dir']}")  # before any work

@@ -83,7 +83,7 @@ max_steps = 0               # stop after this many steps in total (0 = no limit;
 SETTINGS = [k for k in list(globals()) if not k.startswith("_") and k[0].islower()
             and isinstance(globals()[k], (bool, int, float, str))]
 
-from data import check_data_dir, load_scene, scene_name                # noqa: E402
+from data import check_data_dir, check_scene_args, load_scene               # noqa: E402
 from data.patches import PatchCutter, apply_views, draw_view_params   # noqa: E402
 from data.preprocess import standardise                               # noqa: E402
 from data.pseudolabels import cached_superpixel_pseudolabels, pixel_pseudolabels, purity  # noqa: E402
@@ -282,19 +282,28 @@ RANGES = {  # settings whose values outside these ranges would give NaN losses o
 }
 
 
-def main(argv):
-    config = resolve_config({k: globals()[k] for k in SETTINGS}, argv,
-                            choices={"negatives": MODES, "preset": tuple(PRESETS),
-                                     "pretrain_pool": ("all", "exclude_test")})
+CHOICES = {"negatives": MODES, "preset": tuple(PRESETS), "pretrain_pool": ("all", "exclude_test")}
+
+
+def checked_config(argv):
+    """The run's settings: the defaults above with `argv` applied, every value checked (one-line
+    UserError), the dataset's proper name. Reads no file (utils.table checks with it too)."""
+    config = resolve_config({k: globals()[k] for k in SETTINGS}, argv, choices=CHOICES)
     if config["weighting"] and "negatives" in {a[2:].split("=")[0].replace("-", "_") for a in argv}:
         raise UserError("give --weighting (the first paper's shorthand) or --negatives, not both")
     config = resolve_negatives(config)
     check_ranges(config, RANGES)
-    config["dataset"] = scene_name(config["dataset"])  # "salinasa" -> "SalinasA": one folder per scene
+    # "salinasa" -> "SalinasA" (one folder per scene); a custom scene names its files
+    config["dataset"] = check_scene_args(config["dataset"], config["cube"], config["gt"], config["class_names"])
     if "nsmm" in config["negatives"] and config["n_hard"] + config["n_easy"] < 1:  # else a zero loss
         raise UserError(f"--negatives={config['negatives']} keeps n_hard + n_easy negatives per anchor; "
                         f"--n_hard={config['n_hard']} --n_easy={config['n_easy']} keeps none: pass --n_hard "
                         f"and/or --n_easy >= 1 (defaults {n_hard} and {n_easy})")
+    return config
+
+
+def main(argv):
+    config = checked_config(argv)
     out_name = config["out_name"] or "encoder"
     weights_path = Path("weights") / config["dataset"] / f"{out_name}.safetensors"
     run_dir = Path(config["run_dir"] or Path("runs") / config["dataset"] / out_name)

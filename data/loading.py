@@ -478,6 +478,17 @@ def scene_name(name):
     return lookup[name.lower()]
 
 
+def check_scene_args(name, cube="", gt="", class_names=""):
+    """The scene's proper name, once its arguments agree: a custom scene names its cube and gt
+    files, a known scene none (one-line UserError otherwise). Reads no file."""
+    name = scene_name(name)
+    if name == "custom" and (not cube or not gt):
+        raise UserError("--dataset=custom needs --cube=PATH[:KEY] and --gt=PATH[:KEY]")
+    if name != "custom" and (cube or gt or class_names):
+        raise UserError(f"--cube, --gt and --class_names are only used with --dataset=custom, not {name}")
+    return name
+
+
 def load_scene(name, data_dir="", download=True, cube="", gt="", class_names="", layout="auto"):
     """Load a scene by name (see `SCENES`), or "custom" from the `cube` and `gt` specs.
 
@@ -488,18 +499,14 @@ def load_scene(name, data_dir="", download=True, cube="", gt="", class_names="",
     1..K (kept in `Scene.label_values`). Returns a `Scene` (cube (H, W, B) float32,
     gt (H, W) int64). Raises UserError for any bad or inconsistent input.
     """
-    name = scene_name(name)
+    name = check_scene_args(name, cube, gt, class_names)
     if name == "custom":
-        if not cube or not gt:
-            raise UserError("--dataset=custom needs --cube=PATH[:KEY] and --gt=PATH[:KEY]")
         (cube_path, cube_key), (gt_path, gt_key) = _split_spec(cube), _split_spec(gt)
         raw_cube = load_array(cube_path, cube_key, 3, layout)
         raw_gt = load_array(gt_path, gt_key, 2)
         files = {"cube": cube_path, "gt": gt_path}
         info = None
     else:
-        if cube or gt or class_names:
-            raise UserError(f"--cube, --gt and --class_names are only used with --dataset=custom, not {name}")
         info = SCENES[name]
         # a named missing folder may be made here: the scripts refuse one first with check_data_dir
         folder = check_data_dir(data_dir, name, missing_ok=True)

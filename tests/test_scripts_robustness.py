@@ -271,7 +271,8 @@ def test_bad_scene_files(kind, inproc_cwd, capsys):
     args, words = _bad_files(kind, inproc_cwd / "in")
     # pretraining and evaluation read scenes through the same checks; alternate to cover both
     module = pretrain_main if BAD_FILES.index(kind) % 2 == 0 else finetune
-    extra = TINY + [f"--cache_dir={inproc_cwd / 'cache'}"] if module is pretrain_main else ["--threads=1"]
+    extra = TINY + [f"--cache_dir={inproc_cwd / 'cache'}"] if module is pretrain_main else ["--threads=1",
+                                                                                         "--method=svm"]
     code, _, err = run_inproc(module, ["--dataset=custom", "--layout=HWB", *args, *extra], capsys)
     assert_one_line_error(code, err, *words)
     assert no_outputs(inproc_cwd)
@@ -287,7 +288,7 @@ def test_known_scene_missing_without_download(inproc_cwd, capsys):
 def test_finetune_looks_for_the_weights_before_loading_or_downloading_the_scene(inproc_cwd, capsys):
     code, _, err = run_inproc(finetune, ["--dataset=paviau", "--method=pcl"], capsys)  # PaviaU: a 34 MB download
     assert_one_line_error(code, err, "weights/PaviaU/pcl.safetensors", "no encoder weights there",
-                          "pretrain_main.py --dataset=PaviaU")
+                          "run pretrain_main.py first")
     assert no_outputs(inproc_cwd) and not (inproc_cwd / "datasets").exists()
 
 

@@ -9,6 +9,11 @@ every method x split x budget (kept when its JSON exists with the same settings,
 and encoder, else run again; every cell runs again with --force=true), then writes results/<dataset>/table.md and table.csv: OA, AA, kappa as
 mean +- std over the seeds, and the pretraining false-negative share beside each encoder row.
 `--pretrain_args` / `--finetune_args` pass extra settings through (e.g. a custom scene's files).
+
+The table passes --preset, --epochs, --batch_size and --lr to pretrain_main.py and
+--finetune_epochs to finetune.py itself: their defaults here are the values at the top of those
+scripts (read when this module is imported), so an edit there reaches the table too. Every
+value either script would refuse is refused before anything is pretrained (check_table).
 """
 import json
 import sys
@@ -18,17 +23,22 @@ from pathlib import Path
 import finetune
 import pretrain_main
 from data import load_scene
+from data.loading import scene_name
 from utils.checkpoint import read_encoder_metadata
 from utils.config import format_config, resolve_config
 from utils.device import check_cpu_amp, pick_device, training_precision
 from utils.errors import UserError, run_main
 from utils.fileio import finite_or_none, write_text
 
+# The settings the table passes to the scripts itself default to the scripts' own (the names at
+# the top of pretrain_main.py and finetune.py), so `python -m utils.table` pretrains and
+# evaluates as `python pretrain_main.py` and `python finetune.py` would.
 DEFAULTS = {
-    "dataset": "SalinasA", "data_dir": "", "methods": "svm,svm_spatial,supervised,simclr,pcl,nsmm,pcl+nsmm",
-    "budgets": "5,10,15", "splits": "random,disjoint", "seeds": "0-9", "protocol": "linear",
-    "preset": "small", "epochs": 10, "batch_size": 256, "lr": 1e-3, "threads": 0, "device": "auto",
-    "finetune_epochs": 100, "results_dir": "results", "force": False, "pretrain_args": "", "finetune_args": "", "tag": "",
+    "dataset": pretrain_main.dataset, "data_dir": "", "methods": "svm,svm_spatial,supervised,simclr,pcl,nsmm,pcl+nsmm",
+    "budgets": "5,10,15", "splits": "random,disjoint", "seeds": "0-9", "protocol": finetune.protocol,
+    "preset": pretrain_main.preset, "epochs": pretrain_main.epochs, "batch_size": pretrain_main.batch_size,
+    "lr": pretrain_main.lr, "threads": 0, "device": "auto", "finetune_epochs": finetune.finetune_epochs,
+    "results_dir": finetune.results_dir, "force": False, "pretrain_args": "", "finetune_args": "", "tag": "",
 }
 # encoder method -> the pretrain_main.py negatives mode that makes it
 PRETRAIN_MODE = {"simclr": "all", "pcl": "pcl", "nsmm": "nsmm", "pcl+nsmm": "pcl+nsmm"}
@@ -76,25 +86,37 @@ def pretrain_argv(cfg, path, method):
             f"--threads={cfg['threads']}", "--resume=false"] + cfg["pretrain_args"].split()
 
 
-def pretrain_if_missing(cfg, method):
-    """weights/<dataset>/<method>.safetensors, pretrained now if absent. Returns its path.
+def existing_encoder_fits(cfg, method):
+    """True when weights/<dataset>/<method>.safetensors is there to be reused, False when it is
+    absent or --force=true asks to pretrain it again.
 
     An existing file pretrained with other settings than this table's is refused (UserError):
     pretraining again would overwrite it, and using it would mislabel the table.
     """
     path = weights_path(cfg, method)
-    argv = pretrain_argv(cfg, path, method)
-    if path.exists() and not cfg["force"]:
-        defaults = {k: getattr(pretrain_main, k) for k in pretrain_main.SETTINGS}
-        expected = pretrain_main.resolve_negatives(resolve_config(defaults, argv))
-        metadata = read_encoder_metadata(path)
-        precision = (metadata.get("precision"),
-                     training_precision(pick_device(expected["device"]), expected["amp"], expected["cpu_amp"]))
-        changed = changed_settings(metadata.get("pretrain_config"), expected, PRETRAIN_FREE, defaults, precision)
-        if changed:
-            raise UserError(f"{path}: pretrained with other settings than this table's ({'; '.join(changed[:4])}); "
-                            f"pass --force=true to pretrain it again, or --tag=NAME to keep both")
+    if not path.exists() or cfg["force"]:
+        return False
+    defaults = {k: getattr(pretrain_main, k) for k in pretrain_main.SETTINGS}
+    expected = pretrain_main.resolve_negatives(resolve_config(defaults, pretrain_argv(cfg, path, method)))
+    metadata = read_encoder_metadata(path)
+    precision = (metadata.get("precision"),
+                 training_precision(pick_device(expected["device"]), expected["amp"], expected["cpu_amp"]))
+    changed = changed_settings(metadata.get("pretrain_config"), expected, PRETRAIN_FREE, defaults, precision)
+    if changed:
+        raise UserError(f"{path}: pretrained with other settings than this table's ({'; '.join(changed[:4])}); "
+                        f"pass --force=true to pretrain it again, or --tag=NAME to keep both")
+    return True
+
+
+def pretrain_if_missing(cfg, method):
+    """weights/<dataset>/<method>.safetensors, pretrained now if absent. Returns its path.
+
+    An existing file pretrained with other settings is refused (existing_encoder_fits).
+    """
+    path = weights_path(cfg, method)
+    if existing_encoder_fits(cfg, method):
         return path
+    argv = pretrain_argv(cfg, path, method)
     t0 = time.time()
     pretrain_main.main(argv)
     print(f"[table] pretrained {method} in {time.time() - t0:.0f}s", flush=True)
@@ -146,13 +168,22 @@ def run_cell(cfg, method, split, budget, scene_fingerprint):
     return json.loads(path.read_text())
 
 
+def encoder_patch_size(cfg):
+    """The patch size the table's encoders are pretrained with (pretrain_main.py's own, or the
+    one --pretrain_args gives)."""
+    defaults = {k: getattr(pretrain_main, k) for k in pretrain_main.SETTINGS}
+    return resolve_config(defaults, cfg["pretrain_args"].split())["patch_size"]
+
+
 def cell_argv(cfg, method, split, budget, name):
-    """finetune.py's arguments for one cell of the table."""
+    """finetune.py's arguments for one cell of the table. Baselines get the encoders' patch
+    size: the disjoint split's margin is the patch size, so every method splits the same way."""
+    baseline = [] if method in PRETRAIN_MODE else [f"--patch_size={encoder_patch_size(cfg)}"]
     argv = [f"--dataset={cfg['dataset']}", f"--data_dir={cfg['data_dir']}", f"--method={method}",
             f"--protocol={cfg['protocol']}", f"--split={split}", f"--train_per_class={budget}",
             f"--seeds={cfg['seeds']}", f"--name={name}", f"--results_dir={cfg['results_dir']}",
             f"--device={cfg['device']}", f"--threads={cfg['threads']}", "--save_map=false",
-            f"--finetune_epochs={cfg['finetune_epochs']}"] + cfg["finetune_args"].split()
+            f"--finetune_epochs={cfg['finetune_epochs']}"] + baseline + cfg["finetune_args"].split()
     if method == "supervised":
         argv.append(f"--preset={cfg['preset']}")
     if method in PRETRAIN_MODE:
@@ -179,30 +210,93 @@ def false_negative_share(result):
     return "" if value is None else f"{value:.3f}"
 
 
-def main(argv):
-    cfg = resolve_config(DEFAULTS, argv)
-    methods = [m for m in cfg["methods"].split(",") if m]
+def comma_list(cfg, name):
+    """The comma-separated values of --name; refused when there are none."""
+    values = [v.strip() for v in cfg[name].split(",") if v.strip()]
+    if not values:
+        raise UserError(f"--{name} is empty")
+    return values
+
+
+def no_repeats(name, text, values):
+    """Refuse a value given twice in --name: it would make two rows or columns of one cell."""
+    repeated = [v for i, v in enumerate(values) if v in values[:i]]
+    if repeated:
+        raise UserError(f"--{name}={text}: {repeated[0]} is given twice")
+    return values
+
+
+def parse_methods(cfg):
+    """--methods as a list of finetune.py methods."""
+    methods = comma_list(cfg, "methods")
     unknown = [m for m in methods if m not in finetune.METHODS]
     if unknown:
         raise UserError(f"--methods: unknown {', '.join(unknown)}; valid: {', '.join(finetune.METHODS)}")
-    budgets = [int(b) for b in cfg["budgets"].split(",")]
-    splits = cfg["splits"].split(",")
-    print(format_config(cfg))
-    for script, args in ((pretrain_main, cfg["pretrain_args"]), (finetune, cfg["finetune_args"])):
-        extra = resolve_config({k: getattr(script, k) for k in script.SETTINGS}, args.split())  # bad names fail here
-        check_cpu_amp(pick_device(cfg["device"]), extra["cpu_amp"])  # not after hours of pretraining
-    t0 = time.time()
+    return no_repeats("methods", cfg["methods"], methods)
+
+
+def parse_splits(cfg):
+    """--splits as a list of finetune.py's --split values."""
+    splits = comma_list(cfg, "splits")
+    allowed = finetune.CHOICES["split"]
+    unknown = [s for s in splits if s not in allowed]
+    if unknown:
+        raise UserError(f"--splits: unknown {', '.join(unknown)}; valid: {', '.join(allowed)}")
+    return no_repeats("splits", cfg["splits"], splits)
+
+
+def parse_budgets(cfg):
+    """--budgets as a list of labelled pixels per class, each a whole number >= 1."""
+    texts = comma_list(cfg, "budgets")
+    try:
+        budgets = [int(b) for b in texts]
+    except ValueError:
+        budgets = []
+    if len(budgets) < len(texts) or min(budgets) < 1:
+        raise UserError(f"--budgets={cfg['budgets']}: expected whole numbers >= 1 (labelled pixels per class), "
+                        f"like 5,10,15")
+    return no_repeats("budgets", cfg["budgets"], budgets)
+
+
+def check_same_disjoint_split(cfg, methods, splits):
+    """Refuse a baseline --patch_size (through --finetune_args) other than the encoders' when the
+    table has a disjoint split: its margin is the patch size, so the methods would not be
+    tested on the same pixels."""
+    if "disjoint" not in splits or not any(m in PRETRAIN_MODE for m in methods):
+        return
+    patch = encoder_patch_size(cfg)
     for method in methods:
+        if method not in PRETRAIN_MODE:
+            argv = cell_argv(cfg, method, "disjoint", 1, "check")
+            other = resolve_config({k: getattr(finetune, k) for k in finetune.SETTINGS}, argv)["patch_size"]
+            if other != patch:
+                raise UserError(f"--finetune_args: --patch_size={other} for the baselines, but the encoders are "
+                                f"pretrained with --patch_size={patch}; the disjoint split's margin is the patch "
+                                f"size, so the methods would not share a split: leave --patch_size out of "
+                                f"--finetune_args (the table gives the baselines the encoders' patch size)")
+
+
+def check_table(cfg):
+    """Every setting of the table, before any work: its own lists, then the arguments it would
+    pass to pretrain_main.py for each encoder and to finetune.py for each cell, checked as those
+    scripts check them. Returns (methods, splits, budgets)."""
+    for script, args in ((pretrain_main, cfg["pretrain_args"]), (finetune, cfg["finetune_args"])):
+        extra = resolve_config({k: getattr(script, k) for k in script.SETTINGS}, args.split())
+        check_cpu_amp(pick_device(cfg["device"]), extra["cpu_amp"])  # not after hours of pretraining
+    methods, splits, budgets = parse_methods(cfg), parse_splits(cfg), parse_budgets(cfg)
+    finetune.checked_seeds(cfg["seeds"])
+    for method in methods:  # the scripts' own checks, on the arguments the table will pass them
         if method in PRETRAIN_MODE:
-            pretrain_if_missing(cfg, method)
-    fingerprint = current_scene_fingerprint(cfg)
-    cells = {}
-    for split in splits:
-        for budget in budgets:
-            for method in methods:
-                t = time.time()
-                cells[method, split, budget] = run_cell(cfg, method, split, budget, fingerprint)
-                print(f"[table] {method} {split} {budget}/class: {time.time() - t:.0f}s", flush=True)
+            pretrain_main.checked_config(pretrain_argv(cfg, weights_path(cfg, method), method))
+        for split in splits:
+            for budget in budgets:
+                finetune.checked_config(cell_argv(cfg, method, split, budget, "check"))
+    check_same_disjoint_split(cfg, methods, splits)
+    return methods, splits, budgets
+
+
+def table_text(cfg, methods, splits, budgets, cells):
+    """(table.md text, table.csv text) of the evaluated cells."""
     columns = [(s, b) for s in splits for b in budgets]
     md = [f"Scene {cfg['dataset']}, protocol {cfg['protocol']}, seeds {cfg['seeds']}, preset {cfg['preset']}, "
           f"{cfg['epochs']} pretraining epochs. OA / AA / kappa in %, mean ± std over seeds.", "",
@@ -219,11 +313,33 @@ def main(argv):
             csv.append(f"{method},{split},{budget}," + ",".join(num(v) for v in values)
                        + f",{false_negative_share(r)},{r.get('seconds', '')}")
         md.append("| " + " | ".join(row) + " |")
-    out = Path(cfg["results_dir"]) / cfg["dataset"]
-    table_md = out / f"table{cfg['tag']}.md"
-    write_text(table_md, "\n".join(md) + "\n")
-    write_text(table_md.with_suffix(".csv"), "\n".join(csv) + "\n")
-    print("\n".join(md))
+    return "\n".join(md) + "\n", "\n".join(csv) + "\n"
+
+
+def main(argv):
+    cfg = resolve_config(DEFAULTS, argv)
+    cfg["dataset"] = scene_name(cfg["dataset"])  # "salinasa" -> "SalinasA", before any path is built
+    methods, splits, budgets = check_table(cfg)  # anything either script would refuse, before any work
+    print(format_config(cfg))
+    t0 = time.time()
+    fingerprint = current_scene_fingerprint(cfg)  # the cells' scene loads (or is refused) before pretraining
+    encoders = [m for m in methods if m in PRETRAIN_MODE]
+    for method in encoders:  # every encoder file of other settings is refused before pretraining any
+        existing_encoder_fits(cfg, method)
+    for method in encoders:
+        pretrain_if_missing(cfg, method)
+    cells = {}
+    for split in splits:
+        for budget in budgets:
+            for method in methods:
+                t = time.time()
+                cells[method, split, budget] = run_cell(cfg, method, split, budget, fingerprint)
+                print(f"[table] {method} {split} {budget}/class: {time.time() - t:.0f}s", flush=True)
+    md, csv = table_text(cfg, methods, splits, budgets, cells)
+    table_md = Path(cfg["results_dir"]) / cfg["dataset"] / f"table{cfg['tag']}.md"
+    write_text(table_md, md)
+    write_text(table_md.with_suffix(".csv"), csv)
+    print(md.rstrip())
     print(f"[table] {time.time() - t0:.0f}s  {table_md}")
 
 
