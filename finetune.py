@@ -108,10 +108,12 @@ def weights_path_for(config):
 
 
 def run_stem(config):
-    """The first part of a result's name: the method, or for --method=encoder the weights file's
-    stem, so results of two encoder files (--weights=A, --weights=B) do not overwrite each other."""
-    if config["method"] == "encoder":
-        return weights_path_for(config).stem
+    """The first part of a result's name: the method; for --method=encoder "encoder", or with
+    --weights=FILE "encoder-<FILE's stem>", so results of two encoder files do not overwrite
+    each other, nor a table's cells (named after the methods: pcl_..., simclr_...)."""
+    stem = weights_path_for(config).stem
+    if config["method"] == "encoder" and stem != "encoder":
+        return f"encoder-{stem}"
     return config["method"]
 
 

@@ -170,6 +170,15 @@ def resume_from(path, model, optimizer, config, bands, fingerprint):
     return epoch, log
 
 
+def one_cluster_error(config, scene_name, n_superpixels):
+    """The UserError for NSMM when every pixel would get one pseudolabel (it would eliminate
+    every negative: a loss of 0, nothing trained)."""
+    return UserError(f"--negatives={config['negatives']}: SLIC made {n_superpixels} superpixel(s) of {scene_name} "
+                     f"and k-means found 1 cluster among them, so NSMM would eliminate every negative and "
+                     f"nothing would train; pass a smaller --slic_pixels_per_segment (now "
+                     f"{config['slic_pixels_per_segment']}) or --negatives=pcl")
+
+
 class EpochSums:
     """Sums over an epoch's steps of 0-dim tensors (the loss, the diagnostics), kept on the
     device: adding one reads nothing back to the host, so a GPU step need not finish before
@@ -189,14 +198,15 @@ class EpochSums:
             self.counts[key] += present
 
     def means(self, world=1):
-        """{key: mean over the steps (float), or None if every value was nan}; with world > 1
-        the loss (each rank's own) is averaged over the ranks, the diagnostics are the global
-        batch's on every rank already."""
+        """{key: mean over the steps (float), or None if every value was nan}. With world > 1
+        every rank joins one all-reduce of the loss's sum and count (each rank's loss is its
+        own anchors' mean), so the loss is the mean over ranks and steps; the diagnostics are
+        the global batch's on every rank already."""
+        sums = {k: float(v) for k, v in self.sums.items()}
         counts = {k: int(c) for k, c in self.counts.items()}
-        means = {k: float(self.sums[k] / counts[k]) if counts[k] else None for k in self.sums}
-        if world > 1 and means.get("loss") is not None:
-            means["loss"] = distributed.mean_over_ranks([means["loss"]], world)[0]
-        return means
+        if world > 1 and "loss" in sums:  # on every rank, whatever its count: no rank may skip a collective
+            sums["loss"], counts["loss"] = distributed.mean_over_ranks([sums["loss"], counts["loss"]], world)
+        return {k: sums[k] / counts[k] if counts[k] else None for k in sums}
 
 
 REPORT_EVERY = 10  # steps between the host's reads of the loss (progress bar, the ranks' stop vote)
@@ -243,8 +253,8 @@ def train_step(model, cutter, batch_index, spectra_t, pseudo_t, labels_t, config
     mark("forward")
     anchors = None
     if world > 1:
-        mine = torch.arange(own.start, own.stop)
-        anchors = torch.cat([mine, mine + n]).to(views.device)          # (2N/W,) rows in the (2N, 2N) loss
+        mine = torch.arange(own.start, own.stop, device=views.device)  # made there: no copy to wait for
+        anchors = torch.cat([mine, mine + n])                            # (2N/W,) rows in the (2N, 2N) loss
     pcl = batch_pcl_weights(config["negatives"], spectra_t[batch_index], config["pcl_a"], config["pcl_b"])
     pseudolabels, labels = pseudo_t[batch_index], labels_t[batch_index]  # (N,) each
     loss, diag = 0.0, {}
@@ -350,13 +360,20 @@ def main(argv):
     spectra = superpixel_mean_spectra(cube_std, superpixels)             # (S, B)
     say(f"SLIC: {spectra.shape[0]} superpixels ({'cache hit' if hit else 'computed'} {cache_path}, "
         f"{time.time() - t0:.1f}s)")
+    if spectra.shape[0] < 2 and "pcl" in config["negatives"]:
+        say(f"note: one superpixel: every PCL weight is 1, so this is plain SimCLR; a smaller "
+            f"--slic_pixels_per_segment (now {config['slic_pixels_per_segment']}) gives more superpixels")
     pseudo = np.zeros((h, w), dtype=np.int64)
     pseudo_purity = None
     if "nsmm" in config["negatives"]:
         k = config["pseudo_k"] or scene.n_classes
+        if spectra.shape[0] < 2:  # one superpixel: one pseudolabel whatever k is (and no k-means to run)
+            raise one_cluster_error(config, scene.name, spectra.shape[0])
         with distributed.rank0_first(world):  # k-means once, cached for the other ranks
             clusters, _ = cached_superpixel_pseudolabels(spectra, k, config["pseudo_pca"], config["seed"],
                                                          config["cache_dir"], Path(cache_path).stem)
+        if len(np.unique(clusters)) < 2:  # every pixel one pseudolabel: NSMM would drop every negative, loss 0
+            raise one_cluster_error(config, scene.name, spectra.shape[0])
         pseudo = pixel_pseudolabels(superpixels, clusters)
         pseudo_purity = purity(pseudo, scene.gt)
         say(f"pseudolabels: k-means k={k} on {spectra.shape[0]} superpixels, purity against the "

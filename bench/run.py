@@ -71,8 +71,8 @@ from models.encoder import PCLEncoder, PRESETS, SmallMapConv2d, count_parameters
 from models.negatives import MODES                                    # noqa: E402
 from utils.checkpoint import git_commit, save_encoder                 # noqa: E402
 from utils.config import format_config, resolve_config                # noqa: E402
-from utils.device import (amp_note, autocast_for, check_cpu_amp, fused_adam, pick_device,  # noqa: E402
-                          set_allocator_policy, training_precision)
+from utils.device import (amp_note, autocast_for, check_cpu_amp, fused_adam, host_to_device,  # noqa: E402
+                          pick_device, set_allocator_policy, training_precision)
 from utils.errors import UserError, run_main                          # noqa: E402
 from utils.fileio import write_json                                   # noqa: E402
 
@@ -244,15 +244,22 @@ def bench_pretrain(config, cutter, spectra_t, pseudo_t, labels_t, device, n_band
         "loss": float(loss.item()),
     }
 
-    def untimed_steps():  # pretrain_main's loop: no synchronisation but its own loss.item() every step
-        for _ in range(config["busy_steps"]):
-            batch_index = torch.randint(n_pixels, (config["batch_size"],), generator=order_gen).to(device)
-            loss, _ = pretrain_main.train_step(model, cutter, batch_index, spectra_t, pseudo_t, labels_t, cfg,
-                                               view_gen, mine_gen, autocast)
+    def untimed_steps():
+        """As pretrain_main's loop runs them: the batch order copied to the device once, the
+        loss and diagnostics summed there, the loss read every REPORT_EVERY steps and at the end."""
+        n = config["busy_steps"]
+        order = host_to_device(torch.randint(n_pixels, (n, config["batch_size"]), generator=order_gen), device)
+        sums = pretrain_main.EpochSums(("loss", "fn_share_global", "fn_share_local"), device)
+        for step in range(n):
+            loss, diag = pretrain_main.train_step(model, cutter, order[step], spectra_t, pseudo_t, labels_t, cfg,
+                                                  view_gen, mine_gen, autocast)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss.item()
+            sums.add({"loss": loss, **diag})
+            if (step + 1) % pretrain_main.REPORT_EVERY == 0 or step + 1 == n:
+                loss.item()
+        sums.means()
 
     if config["busy_steps"]:
         result["busy"] = busy_share(untimed_steps, device, synchronizer(device))

@@ -7,6 +7,7 @@ are in eval mode there: SyncBatchNorm needs CUDA in torch 2.13 ("SyncBatchNorm e
 input tensor to be on GPU"), so on CPU each process normalises over its own slice and
 train-mode steps differ by that alone (on CUDA pretrain_main.py converts to SyncBatchNorm).
 """
+import json
 import os
 import socket
 import subprocess
@@ -122,9 +123,11 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     np.save(tmp_path / "cube.npy", cube)
     np.save(tmp_path / "gt.npy", gt)
     args = ["--dataset=custom", f"--cube={tmp_path / 'cube.npy'}", f"--gt={tmp_path / 'gt.npy'}", "--layout=HWB",
-            # 400 pixels, batch 200: one whole epoch of 2 steps, so it is checkpointed
-            "--preset=small", "--patch_size=5", "--batch_size=200", "--epochs=1", "--max_steps=2", "--threads=1",
-            "--negatives=pcl+nsmm", "--pseudo_k=3", "--n_hard=4", "--n_easy=4", f"--cache_dir={tmp_path / 'cache'}"]
+            # 400 pixels, batch 32: one whole epoch of 12 steps, so it is checkpointed; the ranks read the
+            # loss and vote on stopping at steps 10 and 12 only, and average the epoch's loss at its end
+            "--preset=small", "--patch_size=5", "--batch_size=32", "--epochs=1", "--threads=1",
+            "--negatives=pcl+nsmm", "--pseudo_k=3", "--n_hard=4", "--n_easy=4", f"--cache_dir={tmp_path / 'cache'}",
+            "--slic_pixels_per_segment=20"]  # about 20 superpixels (the default 200 gives 1: one pseudolabel)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                            f"--master_port={free_port()}", str(ROOT / "pretrain_main.py"), *args],
@@ -135,6 +138,8 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     assert (tmp_path / "weights" / "custom" / "encoder.safetensors").is_file()
     state = torch.load(tmp_path / "runs" / "custom" / "encoder" / "checkpoint.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state["model"])  # the plain module, not the DDP wrapper
+    record = json.loads(state["log"])[0]
+    assert record["epoch"] == 1 and "steps" not in record and 0 < record["loss"] < 100  # a whole epoch, its mean
 
 
 def test_process_group_waits_longer_than_nccls_default(monkeypatch):

@@ -315,12 +315,12 @@ def test_results_of_two_encoder_files_keep_apart_and_no_stale_map_stays(env, inp
         assert code == 0, err
     results = inproc_cwd / "results" / "custom"
     assert (results / "encoder_linear_random_15pc.json").is_file()
-    assert (results / "other_linear_random_15pc.json").is_file()  # named after the weights file
-    assert (results / "other_linear_random_15pc_map.png").is_file()
+    assert (results / "encoder-other_linear_random_15pc.json").is_file()  # named after the weights file
+    assert (results / "encoder-other_linear_random_15pc_map.png").is_file()
     code, out, err = run_inproc(finetune, [*scene, f"--weights={other}", "--save_map=false"], capsys)
     assert code == 0, err
-    assert not (results / "other_linear_random_15pc_map.png").exists()  # not beside the new results
-    assert not (results / "other_linear_random_15pc_prediction.png").exists()
+    assert not (results / "encoder-other_linear_random_15pc_map.png").exists()  # not beside the new results
+    assert not (results / "encoder-other_linear_random_15pc_prediction.png").exists()
     assert "removed" in out and (results / "encoder_linear_random_15pc_map.png").is_file()
 
 
@@ -331,6 +331,21 @@ def test_an_output_folder_that_is_a_file_is_refused_before_any_work(module, sett
     code, out, err = run_inproc(module, ["--dataset=SalinasA", f"{setting}=taken/sub", *args], capsys)
     assert_one_line_error(code, err, f"{setting}=taken/sub", "taken is a file, not a folder")
     assert "SLIC" not in out and "scene" not in out and no_outputs(inproc_cwd)  # nothing loaded or written
+
+
+def test_nsmm_with_one_pseudolabel_is_refused_and_pcl_with_one_superpixel_says_so(env, inproc_cwd, capsys):
+    """One superpixel (a small scene, the default 200 pixels per segment or more) gives every
+    pixel one pseudolabel: NSMM would eliminate every negative, a loss of exactly 0 and nothing
+    trained (it used to run so, silently); PCL's weights are then all 1, plain SimCLR."""
+    scene = custom(env["a"], inproc_cwd / "cache") + TINY + ["--epochs=1", "--max_steps=1",
+                                                             "--slic_pixels_per_segment=10000"]
+    for mode in ("nsmm", "pcl+nsmm"):
+        code, _, err = run_inproc(pretrain_main, scene + [f"--negatives={mode}", "--pseudo_k=3"], capsys)
+        assert_one_line_error(code, err, f"--negatives={mode}", "1 superpixel(s)", "eliminate every negative",
+                              "--slic_pixels_per_segment (now 10000)")
+    code, out, err = run_inproc(pretrain_main, scene + ["--negatives=pcl"], capsys)
+    assert code == 0, err
+    assert "note: one superpixel: every PCL weight is 1, so this is plain SimCLR" in out
 
 
 @pytest.mark.parametrize("module,args", [(pretrain_main, []), (finetune, ["--method=svm"])])

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import finetune
 import pretrain_main
-from data import load_scene
+from data import check_data_dir, load_scene
 from data.loading import scene_name
 from utils.checkpoint import read_encoder_metadata
 from utils.config import format_config, resolve_config
 from utils.device import check_cpu_amp, pick_device, training_precision
 from utils.errors import UserError, run_main
-from utils.fileio import finite_or_none, write_text
+from utils.fileio import check_output_dir, finite_or_none, write_text
 
 # The settings the table passes to the scripts itself default to the scripts' own (the names at
 # the top of pretrain_main.py and finetune.py), so `python -m utils.table` pretrains and
@@ -292,6 +292,9 @@ def check_table(cfg):
             for budget in budgets:
                 finetune.checked_config(cell_argv(cfg, method, split, budget, "check"))
     check_same_disjoint_split(cfg, methods, splits)
+    check_data_dir(cfg["data_dir"], cfg["dataset"])  # a mistyped folder is refused, not created
+    check_output_dir(Path(cfg["results_dir"]) / cfg["dataset"], f"--results_dir={cfg['results_dir']}")
+    check_output_dir(Path("weights") / cfg["dataset"], "the weights folder")
     return methods, splits, budgets
 
 
