@@ -121,7 +121,8 @@ def test_cpu_amp_without_bf16_is_refused_before_any_work(toy, monkeypatch, scrip
     else:  # before pretraining any encoder of the table, not at its first fine-tuned cell
         import utils.table
         run = lambda: utils.table.main(toy[:1] + ["--methods=pcl", "--budgets=5", "--splits=random", "--seeds=0",  # noqa: E731
-                                                  "--finetune_args=--protocol=finetune --cpu_amp=true " + " ".join(toy[1:])])
+                                                  "--protocol=finetune",
+                                                  "--finetune_args=--cpu_amp=true " + " ".join(toy[1:])])
     with pytest.raises(UserError, match="no bf16 arithmetic"):
         run()
     assert sorted(p.name for p in Path(".").iterdir()) == ["toy"]  # no cache, run folder, weights or results

@@ -57,6 +57,12 @@ def table_args(toy, *extra):
     (["--dataset=nowhere"], r"^--dataset=nowhere: unknown scene"),
     (["--methods=simclr,nsmm", "--pretrain_args={toy} --n_hard=0 --n_easy=0"], r"^--negatives=nsmm keeps n_hard"),
     (["--finetune_args=--probe_c=-1"], r"^--probe_c=-1.0: expected a number > 0$"),
+    # what the table sets for each cell or encoder would be overridden and the cell mislabelled
+    (["--finetune_args={toy} --split=disjoint"], r"^--finetune_args: --split is set by the table itself for "
+                                                 r"each cell; use the table's --splits$"),
+    (["--finetune_args={toy} --train-ratio=0.1"], r"^--finetune_args: --train_ratio is set by the table"),
+    (["--pretrain_args={toy} --epochs=3"], r"^--pretrain_args: --epochs is set by the table itself for each "
+                                           r"encoder; use the table's --epochs$"),
 ])
 def test_table_refuses_bad_settings_before_pretraining_anything(toy, no_work, extra, message):
     """Each of these used to pretrain every encoder first (or, for --budgets=5,x, end in a

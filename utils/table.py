@@ -276,6 +276,28 @@ def check_same_disjoint_split(cfg, methods, splits):
                                 f"--finetune_args (the table gives the baselines the encoders' patch size)")
 
 
+# settings the table gives each script itself, and the table's own setting that chooses them:
+# passed through --pretrain_args / --finetune_args they would override it and mislabel the cells
+TABLE_SETS_PRETRAIN = {"dataset": "dataset", "data_dir": "data_dir", "negatives": "methods", "weighting": "methods",
+                       "preset": "preset", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
+                       "out_name": "tag", "device": "device", "threads": "threads", "resume": "force"}
+TABLE_SETS_FINETUNE = {"dataset": "dataset", "data_dir": "data_dir", "method": "methods", "protocol": "protocol",
+                       "split": "splits", "train_per_class": "budgets", "train_ratio": "budgets", "seeds": "seeds",
+                       "name": "tag", "results_dir": "results_dir", "device": "device", "threads": "threads",
+                       "save_map": "save_map", "finetune_epochs": "finetune_epochs", "weights": "tag"}
+
+
+def check_pass_through(cfg):
+    """Refuse a setting in --pretrain_args / --finetune_args that the table sets itself."""
+    for flag, sets in (("pretrain_args", TABLE_SETS_PRETRAIN), ("finetune_args", TABLE_SETS_FINETUNE)):
+        for arg in cfg[flag].split():
+            name = arg[2:].split("=", 1)[0].replace("-", "_") if arg.startswith("--") else ""
+            if name in sets:
+                own = "" if sets[name] == "save_map" else f"; use the table's --{sets[name]}"
+                raise UserError(f"--{flag}: --{name} is set by the table itself for each "
+                                f"{'encoder' if flag == 'pretrain_args' else 'cell'}{own}")
+
+
 def check_table(cfg):
     """Every setting of the table, before any work: its own lists, then the arguments it would
     pass to pretrain_main.py for each encoder and to finetune.py for each cell, checked as those
@@ -283,6 +305,7 @@ def check_table(cfg):
     for script, args in ((pretrain_main, cfg["pretrain_args"]), (finetune, cfg["finetune_args"])):
         extra = resolve_config({k: getattr(script, k) for k in script.SETTINGS}, args.split())
         check_cpu_amp(pick_device(cfg["device"]), extra["cpu_amp"])  # not after hours of pretraining
+    check_pass_through(cfg)
     methods, splits, budgets = parse_methods(cfg), parse_splits(cfg), parse_budgets(cfg)
     finetune.checked_seeds(cfg["seeds"])
     for method in methods:  # the scripts' own checks, on the arguments the table will pass them
