@@ -64,7 +64,7 @@ def settings_help(defaults, source):
     doc = re.search(r'^"""(.*?)$', text, re.M)
     width = max(len(k) for k in defaults) + 2
     lines = [doc.group(1).strip().rstrip('"') if doc else "", "",
-             f"usage: --name=value ... (the defaults are the names at the top of {Path(str(source)).name}; "
+             f"usage: --name=value ... (the defaults below are set in {Path(str(source)).name}; "
              "edit them there or override them here)", ""]
     for name, value in defaults.items():
         lines.append(f"  --{name:<{width}}{value!r:<14} {comments.get(name, '')}".rstrip())
