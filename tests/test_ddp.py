@@ -153,3 +153,49 @@ def test_process_group_waits_longer_than_nccls_default(monkeypatch):
     assert distributed.setup(torch.device("cpu")) == (1, 2, torch.device("cpu"))
     assert joined == [("gloo", {"rank": 1, "world_size": 2, "timeout": distributed.GROUP_TIMEOUT})]
     assert distributed.GROUP_TIMEOUT.total_seconds() >= 3600
+
+
+def stop_worker(rank, world, port, folder):
+    """pretrain_main.main as one torchrun process; rank 1 gets SIGTERM during its 3rd step."""
+    import signal
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    os.chdir(folder)
+    torch.set_num_threads(1)
+    steps = []
+    real_step = pretrain_main.train_step
+
+    def counted(*args, **kwargs):
+        steps.append(1)
+        if rank == 1 and len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # this rank alone asks to stop
+        return real_step(*args, **kwargs)
+
+    pretrain_main.train_step = counted
+    outcome = "finished"
+    try:
+        pretrain_main.main(["--dataset=custom", "--cube=cube.npy", "--gt=gt.npy", "--layout=HWB", "--preset=small",
+                            "--patch_size=5", "--batch_size=32", "--epochs=2", "--threads=1", "--cache_dir=cache"])
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+    Path(f"rank{rank}.json").write_text(json.dumps({"steps": len(steps), "outcome": outcome}))
+
+
+def test_a_stop_asked_by_one_rank_stops_every_rank_at_the_next_report(tmp_path):
+    """The ranks agree on stopping when they read the loss (every REPORT_EVERY steps): a SIGTERM
+    to one process stops both at the same step, no rank left waiting in a collective."""
+    cube, gt, _ = make_scene(20, 20, 8, 3, seed=0)  # 400 pixels, batch 32: 12 steps an epoch
+    np.save(tmp_path / "cube.npy", cube)
+    np.save(tmp_path / "gt.npy", gt)
+    context = mp.start_processes(stop_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=False,
+                                 start_method="spawn")
+    for _ in range(120):  # a hang fails the test instead of the suite
+        if context.join(timeout=1):
+            break
+    else:
+        for p in context.processes:
+            p.kill()
+        pytest.fail("the two processes did not finish within 2 minutes")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1] == {"steps": pretrain_main.REPORT_EVERY, "outcome": "interrupted"}
+    assert not (tmp_path / "weights").exists()  # an interrupted run saves no weights
