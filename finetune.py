@@ -71,7 +71,7 @@ from models.classifier import (TwoHeadClassifier, extract_features, fit_linear_p
                                pixel_cutter, predict_pixels, train_classifier)
 from models.encoder import PCLEncoder, PRESETS, build_encoder          # noqa: E402
 from utils.baselines import fit_svm, pca_window_features, spectral_features  # noqa: E402
-from utils.checkpoint import git_commit, load_encoder                  # noqa: E402
+from utils.checkpoint import git_commit, load_encoder, read_encoder_metadata  # noqa: E402
 from utils.config import check_ranges, format_config, resolve_config   # noqa: E402
 from utils.device import (amp_note, autocast_for, check_cpu_amp, pick_device, set_allocator_policy,  # noqa: E402
                           training_precision)
@@ -326,9 +326,8 @@ def main(argv):
     budget = f"r{config['train_ratio']:g}" if config["train_ratio"] > 0 else f"{config['train_per_class']}pc"
     protocol = config["protocol"] if config["method"] in ENCODER_METHODS else "baseline"
     run_name = config["name"] or f"{run_stem(config)}_{protocol}_{config['split']}_{budget}"
-    if config["method"] in ENCODER_METHODS and not weights_path_for(config).is_file():  # before loading the scene
-        raise UserError(f"{weights_path_for(config)}: no encoder weights there; run pretrain_main.py first "
-                        f"or pass --weights=FILE")
+    if config["method"] in ENCODER_METHODS:  # missing or unreadable weights are refused before loading the scene
+        read_encoder_metadata(weights_path_for(config))
     out_dir = Path(config["results_dir"]) / config["dataset"]
     check_data_dir(config["data_dir"], config["dataset"])  # a mistyped folder is refused, not created
     check_output_dir(out_dir, f"--results_dir={config['results_dir']}")  # before any work

@@ -173,43 +173,61 @@ def resume_from(path, model, optimizer, config, bands, fingerprint):
 def one_cluster_error(config, scene_name, n_superpixels):
     """The UserError for NSMM when every pixel would get one pseudolabel (it would eliminate
     every negative: a loss of 0, nothing trained)."""
-    return UserError(f"--negatives={config['negatives']}: SLIC made {n_superpixels} superpixel(s) of {scene_name} "
-                     f"and k-means found 1 cluster among them, so NSMM would eliminate every negative and "
-                     f"nothing would train; pass a smaller --slic_pixels_per_segment (now "
+    return UserError(f"--negatives={config['negatives']}: every pixel of {scene_name} gets one pseudolabel (SLIC made "
+                     f"{n_superpixels} superpixel(s), which form 1 cluster), so NSMM would eliminate every negative "
+                     f"and nothing would train; pass a smaller --slic_pixels_per_segment (now "
                      f"{config['slic_pixels_per_segment']}) or --negatives=pcl")
 
 
 class EpochSums:
-    """Sums over an epoch's steps of 0-dim tensors (the loss, the diagnostics), kept on the
-    device: adding one reads nothing back to the host, so a GPU step need not finish before
-    the host queues the next. nan values (a diagnostic with no labelled pair) are skipped.
-    In float64, added in step order: the same means, bit for bit, as summing Python floats."""
+    """Sums over an epoch's steps of the loss and the diagnostics (0-dim tensors), kept on the
+    device as one (3,) tensor: adding a step's reads nothing back to the host, so a GPU step
+    need not finish before the host queues the next. nan values (a diagnostic with no labelled
+    pair) are skipped. In float64, added in step order: the same means, bit for bit, as summing
+    Python floats."""
 
-    def __init__(self, keys, device):
-        self.sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in keys}
-        self.counts = {k: torch.zeros((), dtype=torch.int64, device=device) for k in keys}
+    KEYS = ("loss", "fn_share_global", "fn_share_local")
+
+    def __init__(self, device):
+        self.sums = torch.zeros(len(self.KEYS), dtype=torch.float64, device=device)
+        self.counts = torch.zeros(len(self.KEYS), dtype=torch.int64, device=device)
 
     def add(self, values):
-        """values: {key: 0-dim tensor}."""
-        for key, value in values.items():
-            value = value.detach().double()
-            present = ~torch.isnan(value)
-            self.sums[key] += torch.where(present, value, 0.0)
-            self.counts[key] += present
+        """values: {key: 0-dim tensor} for every key of KEYS."""
+        v = torch.stack([values[k].detach().double() for k in self.KEYS])  # (3,)
+        present = ~torch.isnan(v)
+        self.sums += torch.where(present, v, 0.0)
+        self.counts += present
 
     def means(self, world=1):
         """{key: mean over the steps (float), or None if every value was nan}. With world > 1
         every rank joins one all-reduce of the loss's sum and count (each rank's loss is its
         own anchors' mean), so the loss is the mean over ranks and steps; the diagnostics are
         the global batch's on every rank already."""
-        sums = {k: float(v) for k, v in self.sums.items()}
-        counts = {k: int(c) for k, c in self.counts.items()}
-        if world > 1 and "loss" in sums:  # on every rank, whatever its count: no rank may skip a collective
-            sums["loss"], counts["loss"] = distributed.mean_over_ranks([sums["loss"], counts["loss"]], world)
-        return {k: sums[k] / counts[k] if counts[k] else None for k in sums}
+        sums, counts = self.sums.tolist(), self.counts.tolist()
+        if world > 1:  # on every rank, whatever its count: no rank may skip a collective
+            sums[0], counts[0] = distributed.mean_over_ranks([sums[0], counts[0]], world)
+        return {k: s / c if c else None for k, s, c in zip(self.KEYS, sums, counts)}
 
 
 REPORT_EVERY = 10  # steps between the host's reads of the loss (progress bar, the ranks' stop vote)
+
+
+def report_due(step, last):
+    """Whether the host reads the loss after 0-based `step` (every REPORT_EVERY steps, and the last)."""
+    return (step + 1) % REPORT_EVERY == 0 or last
+
+
+def learn_from_batch(net, optimizer, sums, *step_args, **step_kwargs):
+    """One optimisation step: train_step(net, *step_args, **step_kwargs), backward, the
+    optimiser's step; the loss and diagnostics go into `sums` (EpochSums) on the device.
+    Returns the loss tensor, unread. pretrain_main's loop, and bench.run's profiled steps."""
+    loss, diag = train_step(net, *step_args, **step_kwargs)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    sums.add({"loss": loss, **diag})
+    return loss
 
 
 class Stop:
@@ -433,22 +451,18 @@ def main(argv):
             view_gen = torch.Generator().manual_seed(config["seed"] * 100003 + epoch + 7919)
             mine_gen = torch.Generator().manual_seed(config["seed"] * 100003 + epoch + 15485863)
             order = host_to_device(pool[torch.randperm(len(pool), generator=order_gen)], device)
-            sums = EpochSums(("loss", "fn_share_global", "fn_share_local"), device)
+            sums = EpochSums(device)
             t_epoch = time.time()
             bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config['epochs']}",
                        leave=False, file=sys.stderr, disable=None if rank == 0 else True)
             for step in bar:
                 batch_index = order[step * config["batch_size"]:(step + 1) * config["batch_size"]]
-                loss, diag = train_step(net, cutter, batch_index, spectra_t, pseudo_t, labels_t, config,
-                                        view_gen, mine_gen, autocast, rank, world)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                loss = learn_from_batch(net, optimizer, sums, cutter, batch_index, spectra_t, pseudo_t, labels_t,
+                                        config, view_gen, mine_gen, autocast, rank, world)
                 total_steps += 1
-                sums.add({"loss": loss, **diag})
                 last = step + 1 == steps_per_epoch or (config["max_steps"] and total_steps >= config["max_steps"])
                 stopping = stop.requested if world == 1 else False
-                if (step + 1) % REPORT_EVERY == 0 or last:  # a host read waits for the device: not every step
+                if report_due(step, last):  # a host read waits for the device: not every step
                     # the global loss, and one stop decision for all ranks (no rank may leave a collective)
                     loss_value, stop_votes = distributed.mean_over_ranks([loss.item(), float(stop.requested)], world)
                     stopping = stop_votes > 0

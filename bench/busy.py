@@ -12,8 +12,9 @@ scripts run them (no synchronisation inside the window) under torch.profiler, an
 - CPU: the work is the time inside torch operators (`cpu_op` events, nested ones counted
   once), so what is left is the Python between them.
 
-The profiler itself adds a few microseconds per operator on the host, so on a GPU the share
-errs low, and it does so most where kernels are short.
+The profiler itself adds host work for every operator it records, so on a GPU the share may
+err low, most where kernels are short (on the CPU its cost was within the run-to-run spread:
+docs/BENCHMARKS.md, session 9).
 """
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function

@@ -249,15 +249,11 @@ def bench_pretrain(config, cutter, spectra_t, pseudo_t, labels_t, device, n_band
         loss and diagnostics summed there, the loss read every REPORT_EVERY steps and at the end."""
         n = config["busy_steps"]
         order = host_to_device(torch.randint(n_pixels, (n, config["batch_size"]), generator=order_gen), device)
-        sums = pretrain_main.EpochSums(("loss", "fn_share_global", "fn_share_local"), device)
+        sums = pretrain_main.EpochSums(device)
         for step in range(n):
-            loss, diag = pretrain_main.train_step(model, cutter, order[step], spectra_t, pseudo_t, labels_t, cfg,
-                                                  view_gen, mine_gen, autocast)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            sums.add({"loss": loss, **diag})
-            if (step + 1) % pretrain_main.REPORT_EVERY == 0 or step + 1 == n:
+            loss = pretrain_main.learn_from_batch(model, optimizer, sums, cutter, order[step], spectra_t, pseudo_t,
+                                                  labels_t, cfg, view_gen, mine_gen, autocast)
+            if pretrain_main.report_due(step, step + 1 == n):
                 loss.item()
         sums.means()
 

@@ -107,9 +107,9 @@ def test_finetune_results_dir_that_is_a_file(tmp_path, monkeypatch, capsys):
 
 def test_check_output_dir_refuses_a_file_and_creates_nothing(tmp_path):
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(UserError, match=f"^--results_dir=afile: {tmp_path / 'afile'} is a file, not a folder$"):
+    with pytest.raises(UserError, match=f"^--results_dir=afile: {tmp_path / 'afile'} is a file, not a folder; move or rename it, or write elsewhere$"):
         fileio.check_output_dir(tmp_path / "afile", "--results_dir=afile")
-    with pytest.raises(UserError, match=f"^--run_dir=x: {tmp_path / 'afile'} is a file, not a folder$"):
+    with pytest.raises(UserError, match=f"^--run_dir=x: {tmp_path / 'afile'} is a file, not a folder; move or rename it, or write elsewhere$"):
         fileio.check_output_dir(tmp_path / "afile" / "a" / "b", "--run_dir=x")
     (tmp_path / "link").symlink_to(tmp_path / "gone")
     with pytest.raises(UserError, match="link is a broken link, not a folder"):
@@ -124,7 +124,7 @@ def test_check_output_dir_refuses_a_folder_it_cannot_write(tmp_path, monkeypatch
     (tmp_path / "ro").mkdir()
     # root may write anywhere, so the permission is simulated
     monkeypatch.setattr(fileio.os, "access", lambda path, mode: Path(path) != tmp_path / "ro")
-    with pytest.raises(UserError, match=f"^--results_dir=ro: {tmp_path / 'ro'} is not writable$"):
+    with pytest.raises(UserError, match=f"^--results_dir=ro: {tmp_path / 'ro'} is not writable; fix its permissions or write elsewhere$"):
         fileio.check_output_dir(tmp_path / "ro", "--results_dir=ro")
     with pytest.raises(UserError, match=f"cannot make {tmp_path / 'ro' / 'SalinasA'}: {tmp_path / 'ro'} is not"):
         fileio.check_output_dir(tmp_path / "ro" / "SalinasA", "--results_dir=ro")

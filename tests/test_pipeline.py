@@ -327,3 +327,16 @@ def test_finetuning_steps_read_nothing_back_from_the_device(monkeypatch, augment
         counts.append(len(reads))
         monkeypatch.undo()
     assert counts[0] == counts[1], counts
+
+
+def test_epoch_sums_give_the_python_float_means_and_skip_nan_diagnostics():
+    """EpochSums keeps the sums on the device; its means equal summing Python floats bit for bit,
+    a step whose diagnostic is nan (no labelled pair in its batch) does not count for it, and a
+    diagnostic nan in every step is None (null in the log)."""
+    steps = [(2.5, 0.3, float("nan")), (2.25, float("nan"), float("nan")), (2.0, 0.1, float("nan"))]
+    sums = pretrain_main.EpochSums(torch.device("cpu"))
+    for values in steps:
+        sums.add({k: torch.tensor(v, dtype=torch.float32) for k, v in zip(pretrain_main.EpochSums.KEYS, values)})
+    loss = sum(float(torch.tensor(v[0], dtype=torch.float32)) for v in steps) / 3
+    share = (float(torch.tensor(0.3, dtype=torch.float32)) + float(torch.tensor(0.1, dtype=torch.float32))) / 2
+    assert sums.means() == {"loss": loss, "fn_share_global": share, "fn_share_local": None}

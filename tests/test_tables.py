@@ -174,14 +174,11 @@ def test_paired_reads_tagged_results(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("theirs, message", [
-    (dict(split="disjoint"), r"split random vs disjoint"),
-    (dict(budget=5), r"label budget 3pc vs 5pc"),
     (dict(train_offset=1), r"seed 0 trained on different pixels"),
     (dict(fingerprint="f2"), r"scene data \(fingerprint\) f1 vs f2"),
 ])
 def test_paired_refuses_results_that_are_not_a_pair(tmp_path, monkeypatch, theirs, message):
-    """A disjoint-split (or other-budget, other-pixels, other-data) result under the random
-    cell's name was compared as if it were paired."""
+    """Two results of one cell made on other pixels or other data were compared as if paired."""
     monkeypatch.chdir(tmp_path)
     write_result("pcl")
     write_result("svm", **theirs)
@@ -192,13 +189,23 @@ def test_paired_refuses_results_that_are_not_a_pair(tmp_path, monkeypatch, their
     assert not Path("results/custom/paired_pcl.md").exists()
 
 
-def test_paired_refuses_another_protocol_under_the_cells_name(tmp_path, monkeypatch):
+@pytest.mark.parametrize("theirs, message", [
+    (dict(split="disjoint"), r"split disjoint, but its name says random"),
+    (dict(budget=5), r"label budget 5pc, but its name says 3pc"),
+    (dict(protocol="finetune", name="simclr_linear_random_3pc", method="simclr"),
+     r"protocol finetune, but its name says linear"),
+])
+def test_paired_refuses_a_result_that_is_not_the_cell_its_name_says(tmp_path, monkeypatch, theirs, message):
+    """A disjoint-split (other-budget, other-protocol) result under the random cell's name was
+    compared as if it were that cell."""
     monkeypatch.chdir(tmp_path)
     write_result("pcl")
-    write_result("simclr", protocol="finetune", name="simclr_linear_random_3pc")
-    with pytest.raises(UserError, match=r"pcl_linear_random_3pc.json and .*simclr_linear_random_3pc.json are not "
-                                        r"a like-for-like pair: protocol linear vs finetune"):
-        run_paired("--others=simclr")
+    method = theirs.pop("method", "svm")
+    write_result(method, **theirs)
+    with pytest.raises(UserError, match=rf"^results/custom/{method}_\w+_random_3pc.json: holds a result with "
+                                        + message):
+        run_paired(f"--others={method}")
+    assert not Path("results/custom/paired_pcl.md").exists()
 
 
 def test_paired_refuses_two_results_both_saved_under_the_wrong_split(tmp_path, monkeypatch):

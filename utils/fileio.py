@@ -47,12 +47,13 @@ def check_output_dir(path, setting):
     blocker = first_non_folder(path)
     if blocker is not None:
         what = "a broken link" if not os.path.exists(blocker) else "a file"
-        raise UserError(f"{setting}: {blocker} is {what}, not a folder")
+        raise UserError(f"{setting}: {blocker} is {what}, not a folder; move or rename it, or write elsewhere")
     base = _first_existing(path)
     if not os.access(base, os.W_OK | os.X_OK):
         if base == Path(path):
-            raise UserError(f"{setting}: {path} is not writable")
-        raise UserError(f"{setting}: cannot make {path}: {base} is not writable")
+            raise UserError(f"{setting}: {path} is not writable; fix its permissions or write elsewhere")
+        raise UserError(f"{setting}: cannot make {path}: {base} is not writable; fix its permissions or "
+                        f"write elsewhere")
 
 
 @contextmanager

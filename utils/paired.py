@@ -30,7 +30,8 @@ from utils.table import PRETRAIN_MODE, comma_list, parse_budgets, parse_splits
 
 DEFAULTS = {"dataset": TABLE_DEFAULTS["dataset"], "method": "pcl",
             "others": "",  # "" = every other method of utils.table's default --methods
-            "budgets": "5,10,15", "splits": "random,disjoint", "protocol": TABLE_DEFAULTS["protocol"],
+            "budgets": TABLE_DEFAULTS["budgets"], "splits": TABLE_DEFAULTS["splits"],
+            "protocol": TABLE_DEFAULTS["protocol"],
             "results_dir": TABLE_DEFAULTS["results_dir"], "tag": ""}
 CHOICES = {"method": finetune.CHOICES["method"], "protocol": finetune.CHOICES["protocol"]}
 
@@ -71,15 +72,11 @@ def runs_by_seed(result):
 
 
 def differences(mine, theirs):
-    """What keeps two results from being a like-for-like pair: ['split random vs disjoint', ...]."""
+    """What keeps two correctly named results of one cell (check_named) from being a
+    like-for-like pair: other scene data, or other training pixels for a shared seed."""
     found = []
-    for what, a, b in (("split", mine.get("split"), theirs.get("split")),
-                       ("label budget", budget_of(mine), budget_of(theirs)),
-                       ("scene data (fingerprint)", mine.get("scene_fingerprint"), theirs.get("scene_fingerprint"))):
-        if a != b:
-            found.append(f"{what} {a} vs {b}")
-    if "baseline" not in (mine.get("protocol"), theirs.get("protocol")) and mine.get("protocol") != theirs.get("protocol"):
-        found.append(f"protocol {mine.get('protocol')} vs {theirs.get('protocol')}")
+    if mine.get("scene_fingerprint") != theirs.get("scene_fingerprint"):
+        found.append(f"scene data (fingerprint) {mine.get('scene_fingerprint')} vs {theirs.get('scene_fingerprint')}")
     a, b = runs_by_seed(mine), runs_by_seed(theirs)
     for seed in sorted(set(a) & set(b)):
         if sorted(a[seed].get("train") or []) != sorted(b[seed].get("train") or []):
@@ -143,9 +140,9 @@ def main(argv):
             for other in others:
                 theirs_path = cell_path(folder, other, split, budget, cfg["protocol"], cfg["tag"])
                 theirs = read_result(theirs_path)
-                diff = paired_oa(mine_path, mine, theirs_path, theirs)
                 check_named(mine_path, mine, cfg["method"], split, budget, cfg["protocol"])
                 check_named(theirs_path, theirs, other, split, budget, cfg["protocol"])
+                diff = paired_oa(mine_path, mine, theirs_path, theirs)
                 lines.append(f"| {cfg['method']} − {other} | {split} | {budget} | {diff.mean():+.2f} ± {diff.std():.2f} "
                              f"| {(diff > 0).sum()}/{len(diff)} |")
     text = "\n".join(lines) + "\n"

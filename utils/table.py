@@ -25,7 +25,7 @@ import pretrain_main
 from data import check_data_dir, load_scene
 from data.loading import scene_name
 from utils.checkpoint import read_encoder_metadata
-from utils.config import format_config, resolve_config
+from utils.config import defaults_from_module, format_config, resolve_config
 from utils.device import check_cpu_amp, pick_device, training_precision
 from utils.errors import UserError, run_main
 from utils.fileio import check_output_dir, finite_or_none, write_text
@@ -96,7 +96,7 @@ def existing_encoder_fits(cfg, method):
     path = weights_path(cfg, method)
     if not path.exists() or cfg["force"]:
         return False
-    defaults = {k: getattr(pretrain_main, k) for k in pretrain_main.SETTINGS}
+    defaults = defaults_from_module(vars(pretrain_main), pretrain_main.SETTINGS)
     expected = pretrain_main.resolve_negatives(resolve_config(defaults, pretrain_argv(cfg, path, method)))
     metadata = read_encoder_metadata(path)
     precision = (metadata.get("precision"),
@@ -125,7 +125,7 @@ def pretrain_if_missing(cfg, method):
 
 def current_scene_fingerprint(cfg):
     """finetune.scene_fingerprint of the scene the table's cells would load now."""
-    c = resolve_config({k: getattr(finetune, k) for k in finetune.SETTINGS},
+    c = resolve_config(defaults_from_module(vars(finetune), finetune.SETTINGS),
                        [f"--dataset={cfg['dataset']}", f"--data_dir={cfg['data_dir']}"] + cfg["finetune_args"].split())
     scene = load_scene(c["dataset"], c["data_dir"], c["download"], c["cube"], c["gt"], c["class_names"], c["layout"])
     return finetune.scene_fingerprint(scene)
@@ -139,7 +139,7 @@ def stale_cell(path, argv, weights, scene_fingerprint):
         result = json.loads(path.read_text())
     except (OSError, ValueError):
         return "unreadable"
-    defaults = {k: getattr(finetune, k) for k in finetune.SETTINGS}
+    defaults = defaults_from_module(vars(finetune), finetune.SETTINGS)
     expected = resolve_config(defaults, argv)
     precision = (result.get("precision"), finetune.run_precision(expected, pick_device(expected["device"])))
     changed = changed_settings(result.get("config"), expected, FINETUNE_FREE, defaults, precision)
@@ -171,7 +171,7 @@ def run_cell(cfg, method, split, budget, scene_fingerprint):
 def encoder_patch_size(cfg):
     """The patch size the table's encoders are pretrained with (pretrain_main.py's own, or the
     one --pretrain_args gives)."""
-    defaults = {k: getattr(pretrain_main, k) for k in pretrain_main.SETTINGS}
+    defaults = defaults_from_module(vars(pretrain_main), pretrain_main.SETTINGS)
     return resolve_config(defaults, cfg["pretrain_args"].split())["patch_size"]
 
 
@@ -268,7 +268,7 @@ def check_same_disjoint_split(cfg, methods, splits):
     for method in methods:
         if method not in PRETRAIN_MODE:
             argv = cell_argv(cfg, method, "disjoint", 1, "check")
-            other = resolve_config({k: getattr(finetune, k) for k in finetune.SETTINGS}, argv)["patch_size"]
+            other = resolve_config(defaults_from_module(vars(finetune), finetune.SETTINGS), argv)["patch_size"]
             if other != patch:
                 raise UserError(f"--finetune_args: --patch_size={other} for the baselines, but the encoders are "
                                 f"pretrained with --patch_size={patch}; the disjoint split's margin is the patch "
@@ -303,7 +303,7 @@ def check_table(cfg):
     pass to pretrain_main.py for each encoder and to finetune.py for each cell, checked as those
     scripts check them. Returns (methods, splits, budgets)."""
     for script, args in ((pretrain_main, cfg["pretrain_args"]), (finetune, cfg["finetune_args"])):
-        extra = resolve_config({k: getattr(script, k) for k in script.SETTINGS}, args.split())
+        extra = resolve_config(defaults_from_module(vars(script), script.SETTINGS), args.split())
         check_cpu_amp(pick_device(cfg["device"]), extra["cpu_amp"])  # not after hours of pretraining
     check_pass_through(cfg)
     methods, splits, budgets = parse_methods(cfg), parse_splits(cfg), parse_budgets(cfg)
